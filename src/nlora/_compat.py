@@ -1,0 +1,62 @@
+"""The one place that touches PEFT internals. Checked against the PEFT version at import.
+
+We rely on these private hooks of ``peft.tuners.lora``: ``LoraVariant`` (the variant protocol),
+``LoraLayer.lora_variant`` / ``adapter_layer_names`` / ``frozen_peft_weight_names`` (per-adapter bookkeeping),
+``LoraModel._create_and_replace`` and the state-dict hooks of ``BaseTuner``. They exist from PEFT 0.21.2 on.
+"""
+
+from __future__ import annotations
+
+import peft
+from packaging.version import Version
+
+PEFT_MIN, PEFT_MAX = Version("0.21.2"), Version("0.22")
+
+if not PEFT_MIN <= Version(peft.__version__) < PEFT_MAX:
+    raise ImportError(
+        f"nlora needs peft>={PEFT_MIN},<{PEFT_MAX} (it uses PEFT's LoRA-variant hooks), but peft {peft.__version__} "
+        f"is installed; run: pip install 'peft>={PEFT_MIN},<{PEFT_MAX}'."
+    )
+
+from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING  # noqa: E402
+from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING  # noqa: E402
+from peft.tuners.lora import LoraLayer, LoraModel  # noqa: E402
+from peft.tuners.lora.layer import Embedding as LoraEmbedding  # noqa: E402
+from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
+from peft.tuners.lora.layer import LoraVariant  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists  # noqa: E402
+from peft.utils.integrations import gather_params_ctx  # noqa: E402
+from peft.utils.other import transpose  # noqa: E402
+
+__all__ = [
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_PREFIX_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
+    "BaseTunerLayer",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraModel",
+    "LoraVariant",
+    "check_target_module_exists",
+    "freeze_peft_weight",
+    "gather_params_ctx",
+    "register_peft_type",
+    "transpose",
+]
+
+
+def freeze_peft_weight(module: LoraLayer, adapter_name: str, weight_name: str) -> None:
+    """Declare ``module.<weight_name>[adapter_name]`` frozen; PEFT re-applies it on every ``set_adapter``."""
+    frozen = dict(module.frozen_peft_weight_names)  # copy: the class attribute is shared by all layers
+    names = frozen.get(adapter_name, ())
+    if weight_name not in names:
+        frozen[adapter_name] = names + (weight_name,)
+    module.frozen_peft_weight_names = frozen
+
+
+def register_peft_type(peft_type, config_cls, model_cls, prefix: str) -> None:
+    """Register a PEFT method whose type is not in PEFT's closed ``PeftType`` enum."""
+    PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+    PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
+    PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix

@@ -1,0 +1,189 @@
+"""``NLoraConfig``: a drop-in ``peft.LoraConfig`` for SLoRA, NLoRA and IntTune."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from peft import LoraConfig
+from safetensors import safe_open
+
+from .io import ADAPTER_WEIGHTS
+from .nystrom import CORES, LANDMARKS
+
+
+class NLoraPeftType(str, enum.Enum):
+    """Our own PEFT type. Never "LORA": stock PEFT would load such an adapter and silently drop ``lora_N``."""
+
+    NLORA = "NLORA"
+
+
+# PEFT's variant resolver reads this metadata key of init_lora_weights; keep PEFT's own list.
+_PEFT_INIT_VARIANTS = next(f for f in dataclasses.fields(LoraConfig) if f.name == "init_lora_weights").metadata.get(
+    "lora_variants", []
+)
+
+# The authors' fork spells the inits 'n_lora' / 's_lora'; their 'n_lora' is the raw-block init.
+INIT_ALIASES = {"n_lora": "nlora_reference", "s_lora": "slora"}
+INITS = ("slora", "nlora", "nlora_reference")
+NYSTROM_INITS = ("nlora", "nlora_reference")
+
+# LoraConfig features whose layers or variants would ignore the intermediate matrix N.
+_UNSUPPORTED_LORA_FEATURES = (
+    "use_dora",
+    "alora_invocation_tokens",
+    "velora_config",
+    "kasa_config",
+    "arrow_config",
+    "use_bdlora",
+    "monteclora_config",
+    "use_qalora",
+    "target_parameters",
+    "megatron_config",
+    "lora_bias",
+    "layer_replication",
+)
+
+
+@dataclass
+class NLoraConfig(LoraConfig):
+    """Configuration of an SLoRA / NLoRA / IntTune adapter: ``delta_W = s * B @ N @ A`` with a trainable r x r N.
+
+    Every targeting and training field of :class:`peft.LoraConfig` works the same way (``target_modules``,
+    ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``, ``use_rslora``, ...).
+
+    ``init_lora_weights`` names the initialisation and what it does to the model at step 0:
+
+    - ``"nlora"`` (default): Nyström/CUR factors of W in fp32, see the ``nystrom_*`` fields. With
+      ``residual=True`` the base weight becomes ``W - s*B*N*A``, so the output at step 0 equals the base model's.
+    - ``"nlora_reference"`` (alias ``"n_lora"``): the authors' release bit for bit, ``A = W[:r, :]``,
+      ``N = W[:r, :r]``, ``B = W[:, :r]`` and W untouched, so the output at step 0 changes by ``s*C*U*R``.
+    - ``"slora"`` (alias ``"s_lora"``): A and N Kaiming-uniform, B = 0; output unchanged at step 0.
+    - ``True``: LoRA-equivalent, A Kaiming-uniform, B = 0, N = identity; output unchanged at step 0.
+    - ``False``: random non-zero A, N and B (for tests); output changes at step 0.
+
+    Plain LoRA is ``peft.LoraConfig``.
+    """
+
+    init_lora_weights: bool | Literal["nlora", "nlora_reference", "slora", "n_lora", "s_lora"] = field(
+        default="nlora",
+        metadata={
+            "help": "Initialisation: 'nlora', 'nlora_reference', 'slora', True or False.",
+            "lora_variants": _PEFT_INIT_VARIANTS,
+        },
+    )
+    nystrom_landmarks: Literal["first", "random", "norm", "leverage"] = field(
+        default="norm", metadata={"help": "How 'nlora' picks landmark rows/columns: first, random, norm, leverage."}
+    )
+    nystrom_core: Literal["lstsq", "pinv", "ridge", "block"] = field(
+        default="lstsq", metadata={"help": "Core of 'nlora': lstsq (C^+ W R^+), pinv, ridge or block (raw W[I,J])."}
+    )
+    nystrom_oversample: float = field(
+        default=1.0,
+        metadata={"help": "'nlora' takes r * (1 + oversample) landmarks, then truncates the core to rank r."},
+    )
+    nystrom_rcond: float = field(default=1e-2, metadata={"help": "Relative cut-off of the 'pinv' and 'ridge' cores."})
+    nystrom_orthonormal: bool = field(
+        default=True, metadata={"help": "Orthonormal A and B with the scale in N (else skeleton B=C, A=R)."}
+    )
+    residual: bool = field(
+        default=True,
+        metadata={"help": "'nlora' only: subtract s*B*N*A from W so that the step-0 output is the base output."},
+    )
+    intermediate_init: Literal["nystrom", "zero"] = field(
+        default="nystrom",
+        metadata={"help": "'zero' starts N at 0 (model unchanged, W untouched, N still gets gradients)."},
+    )
+    train_intermediate_only: bool = field(
+        default=False, metadata={"help": "IntTune: train only lora_N (r*r per layer); A and B stay frozen."}
+    )
+    save_frozen_factors: bool = field(
+        default=True,
+        metadata={"help": "IntTune: False saves only N; A and B are re-derived from the base weight and verified."},
+    )
+    init_seed: int = field(default=0, metadata={"help": "Seed of every random choice of the init (forked RNG)."})
+    factor_checksums: dict = field(
+        default_factory=dict,
+        metadata={"help": "Written on save when save_frozen_factors=False: fingerprints of the frozen A and B."},
+    )
+
+    def __post_init__(self) -> None:
+        self.init_lora_weights = INIT_ALIASES.get(self.init_lora_weights, self.init_lora_weights)
+        if not isinstance(self.init_lora_weights, bool) and self.init_lora_weights not in INITS:
+            raise ValueError(
+                f"NLoraConfig: unknown init_lora_weights={self.init_lora_weights!r}; choose one of "
+                f"{INITS + ('n_lora', 's_lora', True, False)} (PEFT's own inits such as 'pissa' need peft.LoraConfig)."
+            )
+        for name in _UNSUPPORTED_LORA_FEATURES:
+            value = getattr(self, name, None)
+            if value:
+                raise ValueError(
+                    f"NLoraConfig does not support {name}={value!r}; leave it unset or use peft.LoraConfig."
+                )
+        if self.nystrom_landmarks not in LANDMARKS:
+            raise ValueError(
+                f"NLoraConfig: nystrom_landmarks must be one of {LANDMARKS}, got {self.nystrom_landmarks!r}."
+            )
+        if self.nystrom_core not in CORES:
+            raise ValueError(f"NLoraConfig: nystrom_core must be one of {CORES}, got {self.nystrom_core!r}.")
+        if self.nystrom_oversample < 0 or not math.isfinite(self.nystrom_oversample):
+            raise ValueError(f"NLoraConfig: nystrom_oversample must be >= 0, got {self.nystrom_oversample}.")
+        if self.nystrom_oversample > 0 and not self.nystrom_orthonormal:
+            raise ValueError("NLoraConfig: nystrom_oversample > 0 needs nystrom_orthonormal=True; set one of them.")
+        if self.intermediate_init not in ("nystrom", "zero"):
+            raise ValueError(
+                f"NLoraConfig: intermediate_init must be 'nystrom' or 'zero', got {self.intermediate_init!r}."
+            )
+        if self.train_intermediate_only and self.init_lora_weights in ("slora", True):
+            raise ValueError(
+                f"NLoraConfig: train_intermediate_only=True with init_lora_weights={self.init_lora_weights!r} starts "
+                "B at zero, so N would never get a gradient; use init_lora_weights='nlora' or 'nlora_reference'."
+            )
+        if not self.save_frozen_factors and not self.train_intermediate_only:
+            raise ValueError("NLoraConfig: save_frozen_factors=False is only valid with train_intermediate_only=True.")
+        if not self.save_frozen_factors and self.init_lora_weights not in NYSTROM_INITS:
+            raise ValueError(
+                "NLoraConfig: save_frozen_factors=False needs factors that can be re-derived from the base weight; "
+                "use init_lora_weights='nlora' or 'nlora_reference'."
+            )
+        super().__post_init__()
+        self.peft_type = NLoraPeftType.NLORA
+
+    @property
+    def uses_residual(self) -> bool:
+        """Whether this adapter subtracts its initial delta from the base weight."""
+        return self.init_lora_weights == "nlora" and self.residual and self.intermediate_init == "nystrom"
+
+    def oversampled_rank(self, r: int, max_rank: int) -> int:
+        """Number of landmarks 'nlora' takes for rank r (never more than the matrix allows)."""
+        return min(max_rank, r + int(round(self.nystrom_oversample * r)))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load the config; for a local adapter also check, before any model is touched, that its safetensors file
+        is readable (a truncated or damaged file is refused here, not half-way through loading)."""
+        path = Path(pretrained_model_name_or_path) / (subfolder or "")
+        if path.is_dir():
+            weights = path / ADAPTER_WEIGHTS
+            if not weights.is_file():
+                pickled = (path / "adapter_model.bin").is_file()
+                raise FileNotFoundError(
+                    f"No {ADAPTER_WEIGHTS} in {path}"
+                    + (
+                        "; NLoRA does not load pickled adapter_model.bin files, re-save it with safetensors."
+                        if pickled
+                        else "; pass the directory that save_pretrained wrote."
+                    )
+                )
+            try:
+                with safe_open(str(weights), framework="pt") as handle:
+                    handle.keys()
+            except Exception as err:
+                raise ValueError(
+                    f"{weights} is not a readable safetensors file ({err}); the adapter is damaged."
+                ) from err
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

@@ -1,0 +1,124 @@
+"""Exports to vanilla PEFT LoRA, and import of checkpoints saved by the authors' fork."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+from torch import nn
+
+from ._compat import LoraLayer
+from .config import INIT_ALIASES, NLoraConfig
+from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory, read_adapter
+from .layer import adapter_param, factor_names
+
+_BASE_PREFIX = "base_model.model."
+
+
+def lora_factors(module: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vanilla LoRA factors ``(A', B')`` with ``B' @ A' == delta_W`` against the *original* base weight.
+
+    Without a residual this is ``A' = A``, ``B' = s B N`` (rank r). With a residual the trained model is
+    ``W - s B0 N0 A0 + s B N A``, so ``A' = [A; A0]`` and ``B' = [s B N, -s B0 N0]`` (rank 2r), as PEFT does for PiSSA.
+    """
+    name_A, name_B = factor_names(module)
+    A, N, B = (adapter_param(module, c, adapter).detach().float() for c in (name_A, "lora_N", name_B))
+    B_new, A_new = module.scaling[adapter] * (B @ N), A
+    initial = getattr(module, "nlora_initial", {}).get(adapter)
+    if initial is not None:
+        factors, scaling0 = initial
+        A0, B0 = factors.A.to(A.device), -scaling0 * (factors.B.to(B.device) @ factors.N.to(B.device))
+        A_new, B_new = torch.cat([A, A0], dim=0), torch.cat([B_new, B0], dim=1)
+    return A_new, B_new
+
+
+def export_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write ``adapter_name`` of an NLoRA ``PeftModel`` as a vanilla PEFT LoRA adapter (``peft_type`` "LORA").
+
+    Stock PEFT (without nlora) loads it onto the original base model and reproduces the outputs: N and the
+    scaling are folded into B (lora_alpha = r, so PEFT's scaling is 1), and a residual adapter becomes rank 2r.
+    Merged adapters must be unmerged first.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    config = model.peft_config[adapter_name]
+    if not isinstance(config, NLoraConfig):
+        raise TypeError(f"Adapter '{adapter_name}' is not an NLoRA adapter; save it with save_pretrained instead.")
+    tensors, ranks = {}, {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in getattr(module, "lora_N", {}):
+            continue
+        if adapter_name in module.merged_adapters:
+            raise ValueError(f"Adapter '{adapter_name}' is merged into '{name}'; call unmerge_adapter() before export.")
+        A_new, B_new = lora_factors(module, adapter_name)
+        name_A, name_B = factor_names(module)
+        suffix = "" if name_A.startswith("lora_embedding") else ".weight"
+        tensors[f"{name}.{name_A}{suffix}"] = A_new.contiguous()
+        tensors[f"{name}.{name_B}{suffix}"] = B_new.contiguous()
+        ranks[name.removeprefix(_BASE_PREFIX)] = A_new.shape[0]
+    if not ranks:
+        raise ValueError(f"Model has no NLoRA layers for adapter '{adapter_name}'; nothing to export.")
+    # modules_to_save and other non-LoRA trainables are stored the same way by PEFT: copy them over
+    for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items():
+        if ".lora_" not in key:
+            tensors[key] = value.detach().contiguous()
+
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
+    lora_config = LoraConfig(
+        r=r,
+        lora_alpha=r,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        target_modules=sorted(ranks),
+        modules_to_save=config.modules_to_save,
+        fan_in_fan_out=config.fan_in_fan_out,
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+        lora_dropout=config.lora_dropout,
+        init_lora_weights=True,
+    )
+    with atomic_directory(out_dir) as tmp:
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        lora_config.save_pretrained(str(tmp))
+    return Path(out_dir)
+
+
+def convert_reference_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Turn an adapter saved by the authors' PEFT fork into an NLoRA adapter that ``PeftModel.from_pretrained`` loads.
+
+    Their checkpoints say ``peft_type: LORA`` with ``init_lora_weights`` "n_lora" or "s_lora" and carry ``lora_N``
+    tensors; stock PEFT would silently drop N. The weights keep their names; only the config changes.
+    """
+    raw, tensors = read_adapter(src)
+    init = raw.get("init_lora_weights")
+    has_n = any(".lora_N." in k or k.endswith(".lora_N") for k in tensors)
+    if raw.get("peft_type") != "LORA" or (init not in INIT_ALIASES and not has_n):
+        raise ValueError(
+            f"{src} is not a checkpoint of the authors' NLoRA fork (peft_type={raw.get('peft_type')!r}, "
+            f"init_lora_weights={init!r}, lora_N tensors: {has_n}); nothing to convert."
+        )
+    if not has_n:
+        raise ValueError(f"{src} has init_lora_weights={init!r} but no lora_N tensors; the checkpoint is incomplete.")
+    if any("lora_embedding" in k for k in tensors):
+        raise ValueError(f"{src} adapts embeddings, which the authors' fork could not save correctly; not converted.")
+    known = {f.name for f in NLoraConfig.__dataclass_fields__.values() if f.init}
+    kwargs = {k: v for k, v in raw.items() if k in known and k not in ("peft_type", "init_lora_weights", "revision")}
+    kwargs["init_lora_weights"] = INIT_ALIASES.get(init, "nlora_reference" if init is None else init)
+    for key in ("use_dora", "layer_replication", "lora_bias"):
+        if kwargs.get(key):
+            raise ValueError(f"{src} uses {key}, which NLoRA does not support; not converted.")
+        kwargs.pop(key, None)
+    config = NLoraConfig(**kwargs)
+    with atomic_directory(dst) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+    return Path(dst)
+
+
+__all__ = ["ADAPTER_CONFIG", "convert_reference_checkpoint", "export_lora", "lora_factors"]

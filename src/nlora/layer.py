@@ -1,0 +1,170 @@
+"""Attach and initialise the intermediate matrix N on a PEFT LoRA layer, and own its residual.
+
+``init_adapter`` runs once per targeted layer right after PEFT has built ``lora_A`` / ``lora_B``. It adds
+``lora_N``, computes the chosen init from the base weight (fp32, seeded forked RNG), optionally subtracts the
+initial delta from the base weight (residual) and records what it did on the layer.
+"""
+
+from __future__ import annotations
+
+import types
+import zlib
+
+import torch
+from torch import nn
+
+from . import nystrom
+from ._compat import LoraEmbedding, LoraLayer, freeze_peft_weight, gather_params_ctx, transpose
+from .config import NLoraConfig
+from .variants import SLoraEmbeddingVariant, SLoraLinearVariant, embedding_mixed_batch_forward
+
+
+def factor_names(module: LoraLayer) -> tuple[str, str]:
+    """Names of the A and B containers on this layer type."""
+    if isinstance(module, LoraEmbedding):
+        return "lora_embedding_A", "lora_embedding_B"
+    return "lora_A", "lora_B"
+
+
+def weight_matrix(base_layer: nn.Module, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """The base weight as an ``out x in`` view (Conv1D and embeddings store it transposed)."""
+    if isinstance(base_layer, nn.Embedding):
+        return base_layer.weight.T  # delta^T = B N A with A r x vocab, B dim x r
+    return transpose(base_layer.weight, fan_in_fan_out)
+
+
+def layer_seed(init_seed: int, module_key: str) -> int:
+    """A per-layer seed that depends only on the config seed and the module path (not on the adapter name)."""
+    return zlib.crc32(f"{init_seed}:{module_key}".encode())
+
+
+def adapter_param(module: LoraLayer, container: str, adapter: str) -> torch.Tensor:
+    item = getattr(module, container)[adapter]
+    return item.weight if isinstance(item, nn.Module) else item
+
+
+def _assign(module: LoraLayer, container: str, adapter: str, value: torch.Tensor, materialize: bool) -> None:
+    """Copy ``value`` into an adapter parameter. Meta parameters (low_cpu_mem_usage) are left for the state dict
+    loader unless ``materialize`` (frozen factors that an N-only checkpoint does not carry)."""
+    holder = getattr(module, container)
+    owner, name = (holder[adapter], "weight") if isinstance(holder[adapter], nn.Module) else (holder, adapter)
+    param = owner._parameters[name]
+    if param.device.type == "meta":
+        if materialize:  # bypass register_parameter, which init_empty_weights patches to create meta tensors
+            owner._parameters[name] = nn.Parameter(value.to(param.dtype), requires_grad=param.requires_grad)
+        return
+    with torch.no_grad():
+        param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
+def _initial_factors(module: LoraLayer, adapter: str, config: NLoraConfig, key: str) -> nystrom.Factors:
+    """The factors this config asks for, in fp32, before any scaling of the stored parameters."""
+    r, scaling = module.r[adapter], module.scaling[adapter]
+    out_features, in_features = (
+        adapter_param(module, factor_names(module)[1], adapter).shape[0],
+        adapter_param(module, factor_names(module)[0], adapter).shape[1],
+    )
+    generator = torch.Generator().manual_seed(layer_seed(config.init_seed, key))
+    init = config.init_lora_weights
+    is_embedding = isinstance(module, LoraEmbedding)
+
+    if init in ("nlora", "nlora_reference"):
+        base = module.get_base_layer()
+        with gather_params_ctx(base.weight):  # ZeRO-3: gather the full weight (init is deterministic on every rank)
+            w = weight_matrix(base, getattr(module, "fan_in_fan_out", False))
+            if init == "nlora_reference":
+                factors = nystrom.reference_factors(w, r)
+            else:
+                factors = nystrom.nystrom_factors(
+                    w,
+                    r,
+                    landmarks=config.nystrom_landmarks,
+                    core=config.nystrom_core,
+                    oversample=config.oversampled_rank(r, min(w.shape)) - r,
+                    rcond=config.nystrom_rcond,
+                    orthonormal=config.nystrom_orthonormal,
+                    scaling=scaling,
+                    generator=generator,
+                )
+                if config.intermediate_init == "zero":
+                    factors.N = torch.zeros_like(factors.N)
+        return factors
+    if init == "slora" and not is_embedding:
+        return nystrom.slora_factors(out_features, in_features, r, generator)
+    # Embeddings follow PEFT's convention (A = 0, B ~ N(0, 1)); True means N = I (LoRA at step 0).
+    A = nystrom.kaiming_(torch.empty(r, in_features), generator)
+    B = torch.zeros(out_features, r)
+    N = torch.eye(r) if init is True else nystrom.kaiming_(torch.empty(r, r), generator)
+    if is_embedding:
+        A, B = torch.zeros(r, in_features), torch.randn(out_features, r, generator=generator)
+    if init is False:  # non-identity start for tests
+        A = nystrom.kaiming_(torch.empty(r, in_features), generator)
+        B = nystrom.kaiming_(torch.empty(out_features, r), generator)
+    return nystrom.Factors(A=A, N=N, B=B)
+
+
+def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str) -> None:
+    """Add ``lora_N`` for ``adapter`` to a freshly updated PEFT LoRA layer and initialise A, N, B (and W)."""
+    name_A, name_B = factor_names(module)
+    A_param = adapter_param(module, name_A, adapter)
+    r = module.r[adapter]
+
+    if not hasattr(module, "lora_N"):
+        module.lora_N = nn.ModuleDict()
+    if "lora_N" not in module.adapter_layer_names:
+        module.adapter_layer_names = tuple(module.adapter_layer_names) + ("lora_N",)
+    module.lora_N[adapter] = nn.Linear(r, r, bias=False, device=A_param.device, dtype=A_param.dtype)
+    module.lora_N[adapter].requires_grad_(A_param.requires_grad)
+    if isinstance(module, LoraEmbedding):
+        module.lora_variant[adapter] = SLoraEmbeddingVariant()
+        module._mixed_batch_forward = types.MethodType(embedding_mixed_batch_forward, module)
+    else:
+        module.lora_variant[adapter] = SLoraLinearVariant()
+
+    factors = _initial_factors(module, adapter, config, key)
+    materialize = not config.save_frozen_factors
+    _assign(module, name_A, adapter, factors.A, materialize)
+    _assign(module, name_B, adapter, factors.B, materialize)
+    _assign(module, "lora_N", adapter, factors.N, materialize=False)
+
+    if config.uses_residual:
+        _subtract_residual(module, adapter, factors)
+    if config.train_intermediate_only:
+        freeze_peft_weight(module, adapter, name_A)
+        freeze_peft_weight(module, adapter, name_B)
+        for container in (name_A, name_B):
+            adapter_param(module, container, adapter).requires_grad_(False)
+
+
+def _subtract_residual(module: LoraLayer, adapter: str, factors: nystrom.Factors) -> None:
+    """``W <- W - s B0 N0 A0`` in fp32 and keep (A0, N0, B0) so the change can be undone or exported."""
+    base = module.get_base_layer()
+    fan_in_fan_out = getattr(module, "fan_in_fan_out", False)
+    scaling = module.scaling[adapter]
+    with gather_params_ctx(base.weight, modifier_rank=0), torch.no_grad():
+        w = weight_matrix(base, fan_in_fan_out)
+        residual = w.float()  # the weight itself when it is fp32: updated in place, no extra copy
+        norm = torch.linalg.matrix_norm(residual).item()
+        device = residual.device
+        residual.addmm_(factors.B.to(device), (factors.N @ factors.A).to(device), alpha=-scaling)
+        module.nlora_init_error = getattr(module, "nlora_init_error", {})
+        module.nlora_init_error[adapter] = torch.linalg.matrix_norm(residual).item() / max(norm, 1e-30)
+        if residual.data_ptr() != w.data_ptr():
+            w.copy_(residual)
+    module.nlora_initial = getattr(module, "nlora_initial", {})
+    module.nlora_initial[adapter] = (factors, scaling)
+
+
+def restore_residual(module: LoraLayer, adapter: str) -> None:
+    """Undo ``_subtract_residual`` for ``adapter`` (no-op for adapters without a residual)."""
+    initial = getattr(module, "nlora_initial", {}).pop(adapter, None)
+    if initial is None:
+        return
+    factors, scaling = initial
+    base = module.get_base_layer()
+    with gather_params_ctx(base.weight, modifier_rank=0), torch.no_grad():
+        w = weight_matrix(base, getattr(module, "fan_in_fan_out", False))
+        w32 = w.float()
+        w32.addmm_(factors.B.to(w32.device), (factors.N @ factors.A).to(w32.device), alpha=scaling)
+        if w32.data_ptr() != w.data_ptr():
+            w.copy_(w32)

@@ -1,0 +1,240 @@
+"""``NLoraModel``: PEFT's ``LoraModel`` with N attached to every layer, target checks and safe loading."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from . import nystrom
+from ._compat import BaseTunerLayer, LoraLayer, LoraModel
+from .config import NLoraConfig
+from .layer import factor_names, init_adapter, restore_residual, weight_matrix
+
+_QUANTIZED_MODULE_HINTS = ("bitsandbytes", "hqq", "auto_gptq", "gptqmodel", "awq", "torchao", "eetq", "aqlm", "optimum")
+
+
+def _supported_base_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D, nn.Embedding)
+
+
+def check_target(key: str, base_layer: nn.Module, config: NLoraConfig, r: int) -> None:
+    """Raise a one-sentence error if NLoRA cannot adapt ``base_layer`` (at ``key``) with rank ``r``."""
+    kind = type(base_layer).__name__
+    weight = getattr(base_layer, "weight", None)
+    quantized = any(h in type(base_layer).__module__ for h in _QUANTIZED_MODULE_HINTS) or (
+        weight is not None and not weight.dtype.is_floating_point
+    )
+    if quantized:
+        raise ValueError(
+            f"NLoRA cannot adapt module '{key}': its {kind} weight is quantised or integer "
+            f"({getattr(weight, 'dtype', 'unknown dtype')}); load the base model in fp32/bf16 to create the adapter "
+            "(save it, then quantise the residual model), or use peft.LoraConfig for QLoRA."
+        )
+    if not isinstance(base_layer, _supported_base_types()):
+        raise ValueError(
+            f"NLoRA cannot adapt module '{key}' of type {kind}; it supports nn.Linear, transformers Conv1D and "
+            "nn.Embedding, so remove it from target_modules or add it to exclude_modules."
+        )
+    if config.init_lora_weights in ("nlora", "nlora_reference") and weight.device.type == "meta":
+        raise ValueError(
+            f"NLoRA cannot compute a Nyström init for module '{key}': its weight is on the meta device; load the "
+            "base model weights first (low_cpu_mem_usage only puts the adapter on meta, not the base model)."
+        )
+    # out x in view: Conv1D stores in x out (PEFT forces fan_in_fan_out for it), embeddings are adapted transposed
+    w = base_layer.weight if type(base_layer).__name__ != "Conv1D" else base_layer.weight.T
+    if isinstance(base_layer, nn.Embedding):
+        w = weight_matrix(base_layer)
+    out_features, in_features = w.shape
+    if not 0 < r <= min(out_features, in_features):
+        raise ValueError(
+            f"NLoRA rank r={r} is invalid for module '{key}' ({out_features}x{in_features}); use "
+            f"1 <= r <= {min(out_features, in_features)} (set rank_pattern for this module or lower r)."
+        )
+    if config.train_intermediate_only and weight.device.type != "meta":
+        if config.init_lora_weights == "nlora_reference":
+            zero = not w[:, :r].any() or not w[:r, :].any()
+        else:
+            zero = not w.any()
+        if zero:
+            raise ValueError(
+                f"IntTune cannot train module '{key}': its initial A or B factor is all zeros, so N would never get "
+                "a gradient; add it to exclude_modules or use init_lora_weights='nlora'."
+            )
+
+
+class NLoraModel(LoraModel):
+    """The tuner behind ``get_peft_model(model, NLoraConfig(...))``; see :class:`nlora.NLoraConfig`."""
+
+    prefix: str = "lora_"
+
+    # --- injection ---------------------------------------------------------------------------------------
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, NLoraConfig):
+            raise TypeError(f"NLoraModel needs an NLoraConfig, got {type(config).__name__}; use peft.LoraConfig apart.")
+        if kwargs.get("state_dict") is None:
+            self._check_all_targets(model, config)  # before any module is replaced: errors leave the model as it was
+        super().inject_adapter(model, adapter_name, **kwargs)
+
+    def _check_all_targets(self, model: nn.Module, config: NLoraConfig) -> None:
+        from peft.tuners.tuners_utils import _ExcludedModule
+        from peft.utils.other import get_pattern_key
+
+        config = self._prepare_adapter_config(copy.copy(config), self.get_model_config(model))
+        for key, module in model.named_modules():
+            parts = key.split(".")
+            if not key or "base_layer" in parts or any(p.startswith(("lora_", "modules_to_save")) for p in parts):
+                continue
+            matched = self._check_target_module_exists(config, key)
+            if not matched or isinstance(matched, _ExcludedModule):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
+            check_target(key, base, config, r)
+
+    def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        # PEFT builds lora_A / lora_B; it does not know our init names, so it gets a neutral copy.
+        peft_view = copy.copy(lora_config)
+        peft_view.init_lora_weights = False
+        super()._create_and_replace(peft_view, adapter_name, target, target_name, parent, current_key, **kwargs)
+        module = target if isinstance(target, LoraLayer) else getattr(parent, target_name)
+        init_adapter(module, adapter_name, lora_config, current_key)
+
+    def _check_new_adapter_config(self, config: NLoraConfig) -> None:
+        super()._check_new_adapter_config(config)
+        others = [(name, c) for name, c in self.peft_config.items() if c is not config]
+        if others and (config.uses_residual or any(getattr(c, "uses_residual", False) for _, c in others)):
+            raise ValueError(
+                "A residual NLoRA adapter (init 'nlora' with residual=True) changes the base weight, so it must be the "
+                f"only adapter on the model (found '{others[0][0]}'); use residual=False or intermediate_init='zero'."
+            )
+
+    # --- removal restores the base weights ----------------------------------------------------------------
+    def _tuner_layers(self):
+        return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for layer in self._tuner_layers():
+            restore_residual(layer, adapter_name)
+
+    def unload(self) -> nn.Module:
+        """Remove all adapters and give back the base model with its original weights (residuals added back)."""
+        for layer in self._tuner_layers():
+            if layer.merged:
+                layer.unmerge()
+            for adapter in list(getattr(layer, "nlora_initial", {})):
+                restore_residual(layer, adapter)
+        return super().unload()
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise NotImplementedError(
+            "NLoRA adapters cannot be combined with add_weighted_adapter; export them with nlora.export_lora and "
+            "combine the vanilla LoRA adapters instead."
+        )
+
+    @classmethod
+    def _convert_state_dict_for_initial_model(cls, *args, **kwargs):
+        raise NotImplementedError(
+            "path_initial_model_for_weight_conversion does not know lora_N; use nlora.export_lora(model, out_dir)."
+        )
+
+    # --- save / load ---------------------------------------------------------------------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if getattr(config, "save_frozen_factors", True):
+            return to_return
+        # IntTune N-only checkpoint: drop the frozen A and B, keep fingerprints to verify them at load.
+        checksums = {}
+        for key in list(to_return):
+            if any(f".{name}." in key for name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")):
+                checksums[cls._remove_adapter_name_from_key(key, adapter_name)] = nystrom.fingerprint(to_return[key])
+                del to_return[key]
+        config.factor_checksums = checksums
+        return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        checksums = dict(getattr(config, "factor_checksums", {}) or {})
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        try:
+            remapped = _validate_and_complete(model, config, adapter_name, remapped, checksums)
+        except ValueError:
+            _rollback(model, adapter_name)
+            raise
+        return remapped
+
+
+def _adapter_params(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Every adapter parameter of ``adapter_name`` in ``model``, by its state-dict key."""
+    params = {}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for container in (*factor_names(module), "lora_N"):
+            holder = getattr(module, container, {})
+            if adapter_name not in holder:
+                continue
+            item = holder[adapter_name]
+            suffix = f"{container}.{adapter_name}" + (".weight" if isinstance(item, nn.Module) else "")
+            params[f"{module_name}.{suffix}"] = item.weight if isinstance(item, nn.Module) else item
+    return params
+
+
+def _validate_and_complete(model, config, adapter_name, remapped, checksums) -> dict[str, torch.Tensor]:
+    """Refuse a checkpoint that does not fit the model before anything is loaded; fill in re-derived factors."""
+    expected = _adapter_params(model, adapter_name)
+    prefix = "base_model.model."
+    if not any(k.startswith(prefix) for k in expected) and any(k.startswith(prefix) for k in remapped):
+        remapped = {k.removeprefix(prefix): v for k, v in remapped.items()}
+    adapter_keys = {k for k in remapped if f".{adapter_name}." in k or k.endswith(f".{adapter_name}")}
+    lora_keys = {k for k in adapter_keys if ".lora_" in k}
+    unexpected = sorted(k for k in lora_keys if k not in expected)
+    if unexpected:
+        raise ValueError(
+            f"The NLoRA checkpoint does not match the model: it has {len(unexpected)} adapter tensors the model lacks "
+            f"(e.g. '{unexpected[0]}'); load it on the base model it was trained on."
+        )
+    for key, value in remapped.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"The NLoRA checkpoint does not match the model: '{key}' has shape {tuple(value.shape)} but the model "
+                f"expects {tuple(expected[key].shape)}; check r, rank_pattern and the base model."
+            )
+        if key in expected and value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"The NLoRA checkpoint is corrupt: '{key}' contains NaN or inf values.")
+    missing = sorted(k for k in expected if k not in remapped)
+    frozen_only = all(
+        any(f".{n}." in k for n in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")) for k in missing
+    )
+    if missing and not (checksums and frozen_only):
+        raise ValueError(
+            f"The NLoRA checkpoint is incomplete: {len(missing)} adapter tensors are missing (e.g. '{missing[0]}'); "
+            "it was saved from a different model or the file is damaged."
+        )
+    for key in missing:  # N-only IntTune checkpoint: A and B were re-derived from the base weight at injection
+        checksum_key = key.replace(f".{adapter_name}.", ".").replace(f".{adapter_name}", "")
+        recorded = checksums.get(checksum_key) or checksums.get(prefix + checksum_key)
+        if recorded is None or not nystrom.fingerprints_match(recorded, nystrom.fingerprint(expected[key])):
+            raise ValueError(
+                f"The frozen factor '{checksum_key}' re-derived from this base model does not match the one recorded "
+                "in the N-only checkpoint; load it on the exact base model and NLoRA settings it was trained with."
+            )
+        remapped[key] = expected[key].detach().clone()
+    return remapped
+
+
+def _rollback(model: nn.Module, adapter_name: str) -> None:
+    """After a refused load, take the just-injected adapter out again so the base model is as it was."""
+    tuner = getattr(model, "base_model", model)
+    if not isinstance(tuner, NLoraModel) or adapter_name not in tuner.peft_config:
+        return
+    if len(tuner.peft_config) == 1:
+        tuner.unload()
+    else:
+        tuner.delete_adapter(adapter_name)

@@ -1,0 +1,177 @@
+"""Pure tensor maths for NLoRA: Nyström/CUR factors, SLoRA factors and residuals.
+
+Everything here works on plain tensors in the PyTorch convention (``W`` is ``out x in``) and knows nothing
+about PEFT, so it can be tested and benchmarked alone. A rank-r adapter is ``delta_W = s * B @ N @ A`` with
+``A`` r x in, ``N`` r x r and ``B`` out x r.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LANDMARKS = ("first", "random", "norm", "leverage")
+CORES = ("lstsq", "pinv", "ridge", "block")
+
+
+@dataclass
+class Factors:
+    """Adapter factors ``delta_W = scaling * B @ N @ A`` plus the landmarks they came from (if any)."""
+
+    A: torch.Tensor
+    N: torch.Tensor
+    B: torch.Tensor
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+
+
+def select_landmarks(
+    weight: torch.Tensor, k: int, method: str = "first", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick ``k`` landmark row indices ``I`` and column indices ``J`` of ``weight`` (out x in).
+
+    ``first`` is the paper's top-left block; ``random`` samples uniformly with ``generator``; ``norm`` takes the
+    rows/columns of largest norm (one cheap pass); ``leverage`` takes the largest leverage scores of a Gaussian
+    sketch of width ``k + 10`` (two passes over W, better on incoherent matrices).
+    """
+    m, n = weight.shape
+    if method == "first":
+        return torch.arange(k), torch.arange(k)
+    if method == "random":
+        rows = torch.randperm(m, generator=generator)[:k].sort().values
+        cols = torch.randperm(n, generator=generator)[:k].sort().values
+        return rows, cols
+    if method == "norm":
+        w = weight.float()
+        rows = torch.topk(w.pow(2).sum(1), k).indices.sort().values
+        cols = torch.topk(w.pow(2).sum(0), k).indices.sort().values
+        return rows, cols
+    if method == "leverage":
+        w = weight.float()
+        width = min(k + 10, m, n)
+        omega_in = torch.randn(n, width, generator=generator).to(w.device)
+        omega_out = torch.randn(m, width, generator=generator).to(w.device)
+        q_rows = torch.linalg.qr(w @ omega_in).Q  # basis of the column space: row leverage scores
+        q_cols = torch.linalg.qr(w.T @ omega_out).Q  # basis of the row space: column leverage scores
+        rows = torch.topk(q_rows.pow(2).sum(1), k).indices.sort().values
+        cols = torch.topk(q_cols.pow(2).sum(1), k).indices.sort().values
+        return rows, cols
+    raise ValueError(f"Unknown landmark method {method!r}; choose one of {LANDMARKS}.")
+
+
+def _core_inverse(U: torch.Tensor, core: str, rcond: float) -> torch.Tensor:
+    """Stable (pseudo-)inverse of the landmark block ``U = W[I, J]``."""
+    if core == "block":  # the authors' release: the raw block, no inverse
+        return U
+    if core == "pinv":  # truncated pseudo-inverse: singular values below rcond * s_max are dropped
+        return torch.linalg.pinv(U, rtol=rcond)
+    if core == "ridge":  # (U^T U + lam I)^-1 U^T with lam = (rcond * s_max)^2
+        lam = (rcond * torch.linalg.matrix_norm(U, ord=2)) ** 2
+        eye = torch.eye(U.shape[1], dtype=U.dtype, device=U.device)
+        return torch.linalg.solve(U.T @ U + lam * eye, U.T)
+    raise ValueError(f"Unknown core {core!r}; choose one of {CORES}.")
+
+
+def nystrom_factors(
+    weight: torch.Tensor,
+    r: int,
+    *,
+    landmarks: str = "first",
+    core: str = "lstsq",
+    oversample: int = 0,
+    rcond: float = 1e-2,
+    orthonormal: bool = True,
+    scaling: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Factors:
+    """Nyström (CUR) factors of ``weight`` so that ``scaling * B @ N @ A`` approximates it with rank <= r.
+
+    With ``C = W[:, J]``, ``R = W[I, :]`` and ``U = W[I, J]`` the approximation is ``C @ core @ R``, where the
+    core is the least-squares ``C^+ W R^+`` (``lstsq``, never worse than 0 and within a small factor of the SVD
+    optimum), a truncated ``pinv(U)``, a ridge inverse of ``U``, or ``U`` itself (``block``, what the authors'
+    code does; not an approximation of W). ``orthonormal=True`` re-expresses the same product with orthonormal
+    ``B`` and ``A`` (all scale in N), which is better conditioned for training; ``orthonormal=False`` keeps the
+    skeleton form ``B = C``, ``A = R``. ``oversample`` takes ``r + oversample`` landmarks and truncates the core
+    back to rank r with a small SVD. All arithmetic is fp32; results are fp32.
+    """
+    m, n = weight.shape
+    if not 0 < r <= min(m, n):
+        raise ValueError(f"Rank r={r} must be in [1, min(out, in)={min(m, n)}].")
+    if oversample and not orthonormal:
+        raise ValueError("oversample > 0 needs orthonormal=True (a skeleton CUR cannot be truncated).")
+    w = weight.detach().float()
+    k = min(r + max(oversample, 0), m, n)
+    rows, cols = select_landmarks(w, k, landmarks, generator)
+    rows, cols = rows.to(w.device), cols.to(w.device)
+    C, R = w[:, cols], w[rows, :]
+
+    if core == "lstsq":
+        q_c, q_r = torch.linalg.qr(C).Q, torch.linalg.qr(R.T).Q
+        B, N, A = q_c, q_c.T @ (w @ q_r), q_r.T  # the only pass over W at matrix-product cost
+    else:
+        inner = _core_inverse(w[rows][:, cols], core, rcond)
+        if orthonormal:
+            q_c, t_c = torch.linalg.qr(C)
+            q_r, t_r = torch.linalg.qr(R.T)
+            B, N, A = q_c, t_c @ inner @ t_r.T, q_r.T
+        else:
+            B, N, A = C, inner, R
+
+    if k > r:  # best rank-r part of the small core, kept in orthonormal form
+        u, s, vh = torch.linalg.svd(N)
+        B, N, A = B @ u[:, :r], torch.diag(s[:r]), vh[:r] @ A
+    return Factors(A=A.contiguous(), N=(N / scaling).contiguous(), B=B.contiguous(), rows=rows, cols=cols)
+
+
+def reference_factors(weight: torch.Tensor, r: int) -> Factors:
+    """The authors' release, bit for bit: ``A = W[:r, :]``, ``N = W[:r, :r]``, ``B = W[:, :r]``."""
+    w = weight.detach()
+    return Factors(A=w[:r, :].clone(), N=w[:r, :r].clone(), B=w[:, :r].clone())
+
+
+def kaiming_(tensor: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """PEFT's LoRA default init (Kaiming-uniform with a = sqrt(5)), drawn from ``generator``."""
+    return torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
+
+
+def slora_factors(out_features: int, in_features: int, r: int, generator: torch.Generator | None = None) -> Factors:
+    """The reference SLoRA init: A and N Kaiming-uniform, B = 0, so ``delta_W = 0`` at step 0."""
+    A = kaiming_(torch.empty(r, in_features), generator)
+    N = kaiming_(torch.empty(r, r), generator)
+    return Factors(A=A, N=N, B=torch.zeros(out_features, r))
+
+
+def delta_weight(factors: Factors, scaling: float) -> torch.Tensor:
+    """``scaling * B @ N @ A`` in fp32."""
+    return scaling * (factors.B.float() @ (factors.N.float() @ factors.A.float()))
+
+
+def relative_error(weight: torch.Tensor, factors: Factors, scaling: float) -> float:
+    """``||W - s B N A||_F / ||W||_F``."""
+    w = weight.detach().float()
+    return (torch.linalg.matrix_norm(w - delta_weight(factors, scaling)) / torch.linalg.matrix_norm(w)).item()
+
+
+def svd_optimal_error(weight: torch.Tensor, r: int) -> float:
+    """The Eckart-Young optimum: relative Frobenius error of the best rank-r approximation."""
+    s = torch.linalg.svdvals(weight.detach().float())
+    return (s[r:].pow(2).sum() / s.pow(2).sum()).sqrt().item()
+
+
+def fingerprint(tensor: torch.Tensor) -> list[float]:
+    """A tolerance-friendly checksum of a frozen factor: its norm and a position-weighted sum.
+
+    Frozen factors re-derived on another machine may differ in the last bits (BLAS), so a byte hash would be
+    too strict; these two numbers still catch a different weight, rank, landmark set, sign or permutation.
+    """
+    t = tensor.detach().float().flatten().cpu()
+    weights = torch.cos(torch.arange(t.numel(), dtype=torch.float64) * 0.7).float()
+    return [t.norm().item(), (t * weights).sum().item()]
+
+
+def fingerprints_match(a: list[float], b: list[float], rtol: float = 1e-3) -> bool:
+    """Compare two :func:`fingerprint` results relative to the tensor's norm."""
+    scale = max(abs(a[0]), abs(b[0]), 1e-12)
+    return len(a) == len(b) and all(abs(x - y) <= rtol * scale for x, y in zip(a, b))

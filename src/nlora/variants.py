@@ -1,0 +1,90 @@
+"""SLoRA as a PEFT ``LoraVariant``: the forward and merge maths of ``delta_W = s * B @ N @ A``.
+
+PEFT's LoRA layers call these hooks for every adapter that has a variant attached, so Linear, GPT-2 ``Conv1D``
+(``fan_in_fan_out``) and Embedding layers get N in forward, merge, unmerge and mixed batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._compat import LoraEmbedding, LoraLinear, LoraVariant, transpose
+
+
+class SLoraLinearVariant(LoraVariant):
+    """``h = W x + s * B N A dropout(x)`` for ``nn.Linear`` and ``Conv1D`` layers."""
+
+    def supports_lora_conversion(self) -> bool:
+        # PEFT's convert_to_lora reads get_delta_weight, which knows nothing of N; nlora.export_lora is exact.
+        return False
+
+    @staticmethod
+    def init(module: LoraLinear, adapter_name: str, **kwargs) -> None:
+        """Nothing to do: ``nlora.layer.init_adapter`` creates and initialises N."""
+
+    @staticmethod
+    def delta_weight(module: LoraLinear, adapter: str) -> torch.Tensor:
+        """``s * B @ N @ A`` in fp32, laid out like the base weight."""
+        A = module.lora_A[adapter].weight.float()
+        N = module.lora_N[adapter].weight.float()
+        B = module.lora_B[adapter].weight.float()
+        return transpose(B @ (N @ A), module.fan_in_fan_out) * module.scaling[adapter]
+
+    @classmethod
+    def merge_safe(cls, module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        delta = cls.delta_weight(module, active_adapter).to(orig_weight.device)
+        return (orig_weight.float() + delta).to(orig_weight.dtype)  # add in fp32, round once
+
+    @classmethod
+    def merge_unsafe(cls, module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data.copy_(cls.merge_safe(module, active_adapter, orig_weight.data))
+
+    @classmethod
+    def unmerge(cls, module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        delta = cls.delta_weight(module, active_adapter).to(orig_weight.device)
+        return (orig_weight.float() - delta).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module: LoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+        lora_A = module.lora_A[active_adapter]
+        lora_N = module.lora_N[active_adapter]
+        lora_B = module.lora_B[active_adapter]
+        dropout = module.lora_dropout[active_adapter]
+        return result + lora_B(lora_N(lora_A(dropout(x)))) * module.scaling[active_adapter]
+
+
+class SLoraEmbeddingVariant(SLoraLinearVariant):
+    """The same for ``nn.Embedding``: PEFT stores ``A`` as r x vocab and ``B`` as dim x r, ``delta = (B N A)^T``."""
+
+    @staticmethod
+    def delta_weight(module: LoraEmbedding, adapter: str) -> torch.Tensor:
+        A = module.lora_embedding_A[adapter].float()
+        N = module.lora_N[adapter].weight.float()
+        B = module.lora_embedding_B[adapter].float()
+        return (B @ (N @ A)).T * module.scaling[adapter]
+
+    @staticmethod
+    def forward(module: LoraEmbedding, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+        after_A = module._embed(
+            x,
+            module.lora_embedding_A[active_adapter].T,
+            input_fn=module.input_fns.get(active_adapter),
+            output_fn=module.output_fns.get(active_adapter),
+        )
+        after_N = module.lora_N[active_adapter](after_A.to(module.lora_N[active_adapter].weight.dtype))
+        out = (after_N @ module.lora_embedding_B[active_adapter].T) * module.scaling[active_adapter]
+        embed_scale = module._get_embed_scale()
+        if embed_scale is not None:
+            out = out * embed_scale.to(out.dtype)
+        return result + out.to(result.dtype)
+
+
+def embedding_mixed_batch_forward(self: LoraEmbedding, x: torch.Tensor, *args, adapter_names: list[str], **kwargs):
+    """Mixed-batch forward for embeddings that honours N (PEFT's own version ignores variants)."""
+    result = self.base_layer(x, *args, **kwargs)
+    for adapter in set(adapter_names):
+        if adapter == "__base__" or adapter not in self.lora_embedding_A:
+            continue
+        rows = [i for i, name in enumerate(adapter_names) if name == adapter]
+        result[rows] = self.lora_variant[adapter].forward(self, adapter, x[rows], result[rows])
+    return result
