@@ -1,0 +1,46 @@
+import copy
+
+import pytest
+import torch
+from models import MODELS, build, output
+
+import nlora  # noqa: F401  (registers the NLORA PEFT type)
+from nlora import NLoraConfig
+
+MODES = {
+    "slora": {"init_lora_weights": "slora"},
+    "nlora": {"init_lora_weights": "nlora"},
+    "nlora_reference": {"init_lora_weights": "nlora_reference"},
+    "inttune": {"init_lora_weights": "nlora", "train_intermediate_only": True},
+}
+IDENTITY_AT_INIT = {"slora", "nlora", "inttune"}
+RESIDUAL = {"nlora", "inttune"}
+
+
+def make_config(model_name: str, mode: str, **overrides) -> NLoraConfig:
+    _, targets, extra = MODELS[model_name][:3]
+    kwargs = {"r": 4, "lora_alpha": 8, "target_modules": targets, **extra, **MODES[mode], **overrides}
+    return NLoraConfig(**kwargs)
+
+
+def train(model, x, steps: int = 3, lr: float = 1e-2):
+    """A few Adam steps on a loss with non-zero gradients everywhere."""
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        out = output(model, x)
+        loss = (out - 0.5).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy

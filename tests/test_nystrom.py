@@ -1,0 +1,95 @@
+"""The pure tensor maths, without PEFT."""
+
+import pytest
+import torch
+
+from nlora import nystrom
+
+
+def decaying(m: int, n: int, base: float = 0.9, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, k, generator=g)).Q
+    v = torch.linalg.qr(torch.randn(n, k, generator=g)).Q
+    return (u * base ** torch.arange(k).float()) @ v.T
+
+
+def test_reference_factors_are_the_slicing_formulas_exactly():
+    w = torch.randn(24, 40)
+    f = nystrom.reference_factors(w, 5)
+    assert torch.equal(f.A, w[:5, :]) and torch.equal(f.N, w[:5, :5]) and torch.equal(f.B, w[:, :5])
+    assert torch.equal(nystrom.delta_weight(f, 1.0), w[:, :5] @ (w[:5, :5] @ w[:5, :]))
+
+
+@pytest.mark.parametrize("r", [4, 8, 16])
+@pytest.mark.parametrize("landmarks", nystrom.LANDMARKS)
+def test_default_nystrom_is_within_1_5x_of_the_svd_optimum(r, landmarks):
+    w = decaying(64, 96)
+    f = nystrom.nystrom_factors(w, r, landmarks=landmarks, oversample=r, generator=torch.Generator().manual_seed(0))
+    error, optimum = nystrom.relative_error(w, f, 1.0), nystrom.svd_optimal_error(w, r)
+    assert optimum < error <= 1.5 * optimum
+
+
+def test_plain_pinv_of_first_landmarks_is_far_worse_than_lstsq():
+    # Why the default is the least-squares core: on a general matrix pinv(W[:r,:r]) adds energy (notes §6.1).
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(1))
+    pinv = nystrom.nystrom_factors(w, 16, landmarks="first", core="pinv", rcond=0.0)
+    lstsq = nystrom.nystrom_factors(w, 16, landmarks="first", core="lstsq")
+    assert nystrom.relative_error(w, pinv, 1.0) > 1.0 >= nystrom.relative_error(w, lstsq, 1.0)
+
+
+@pytest.mark.parametrize("core", nystrom.CORES)
+@pytest.mark.parametrize("orthonormal", [True, False])
+def test_factor_shapes_rank_and_orthonormality(core, orthonormal):
+    w = decaying(30, 50)
+    f = nystrom.nystrom_factors(w, 6, core=core, orthonormal=orthonormal, scaling=2.0)
+    assert f.A.shape == (6, 50) and f.N.shape == (6, 6) and f.B.shape == (30, 6)
+    assert torch.linalg.matrix_rank(nystrom.delta_weight(f, 2.0)) <= 6
+    if orthonormal:
+        torch.testing.assert_close(f.B.T @ f.B, torch.eye(6), atol=1e-5, rtol=0)
+        torch.testing.assert_close(f.A @ f.A.T, torch.eye(6), atol=1e-5, rtol=0)
+    if core == "lstsq":  # scaling is compensated in N: s*B*N*A is the same approximation for any s
+        g = nystrom.nystrom_factors(w, 6, core=core, orthonormal=orthonormal, scaling=1.0)
+        torch.testing.assert_close(nystrom.delta_weight(f, 2.0), nystrom.delta_weight(g, 1.0), atol=1e-5, rtol=1e-4)
+
+
+def test_random_landmarks_are_seeded_by_the_generator_not_the_global_rng():
+    w = torch.randn(40, 60)
+    torch.manual_seed(1)
+    a = nystrom.select_landmarks(w, 8, "random", torch.Generator().manual_seed(7))
+    torch.manual_seed(2)
+    b = nystrom.select_landmarks(w, 8, "random", torch.Generator().manual_seed(7))
+    c = nystrom.select_landmarks(w, 8, "random", torch.Generator().manual_seed(8))
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_norm_landmarks_pick_the_heaviest_rows_and_columns():
+    w = torch.zeros(10, 12)
+    w[7, :] = 5.0
+    w[:, 3] = 4.0
+    rows, cols = nystrom.select_landmarks(w, 1, "norm")
+    assert rows.tolist() == [7] and cols.tolist() == [3]
+
+
+def test_invalid_rank_and_options_raise():
+    w = torch.randn(8, 10)
+    with pytest.raises(ValueError, match="Rank r=9"):
+        nystrom.nystrom_factors(w, 9)
+    with pytest.raises(ValueError, match="Unknown landmark"):
+        nystrom.nystrom_factors(w, 2, landmarks="nope")
+    with pytest.raises(ValueError, match="Unknown core"):
+        nystrom.nystrom_factors(w, 2, core="nope")
+
+
+def test_slora_factors_start_at_zero_delta():
+    f = nystrom.slora_factors(12, 20, 4, torch.Generator().manual_seed(0))
+    assert f.A.abs().sum() > 0 and f.N.abs().sum() > 0 and torch.count_nonzero(f.B) == 0
+
+
+def test_fingerprint_tolerates_rounding_but_not_changes():
+    t = torch.randn(16, 32)
+    fp = nystrom.fingerprint(t)
+    assert nystrom.fingerprints_match(fp, nystrom.fingerprint(t + 1e-7 * torch.randn_like(t)))
+    assert not nystrom.fingerprints_match(fp, nystrom.fingerprint(t.flip(0)))
+    assert not nystrom.fingerprints_match(fp, nystrom.fingerprint(-t))
+    assert not nystrom.fingerprints_match(fp, nystrom.fingerprint(t * 1.01))
