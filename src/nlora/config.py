@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 from peft import LoraConfig
-from safetensors import safe_open
 
-from .io import ADAPTER_WEIGHTS
+from .io import read_adapter
 from .nystrom import CORES, LANDMARKS
 
 
@@ -47,6 +47,10 @@ _UNSUPPORTED_LORA_FEATURES = (
     "lora_bias",
     "layer_replication",
 )
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return bool(not tensor.is_floating_point() or torch.isfinite(tensor).all())
 
 
 @dataclass
@@ -164,26 +168,18 @@ class NLoraConfig(LoraConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load the config; for a local adapter also check, before any model is touched, that its safetensors file
-        is readable (a truncated or damaged file is refused here, not half-way through loading)."""
+        """Load the config; for a local adapter also read its safetensors file now, so that a damaged, pickled or
+        mismatched checkpoint is refused before any model is touched (not half-way through loading)."""
         path = Path(pretrained_model_name_or_path) / (subfolder or "")
+        index = None
         if path.is_dir():
-            weights = path / ADAPTER_WEIGHTS
-            if not weights.is_file():
-                pickled = (path / "adapter_model.bin").is_file()
-                raise FileNotFoundError(
-                    f"No {ADAPTER_WEIGHTS} in {path}"
-                    + (
-                        "; NLoRA does not load pickled adapter_model.bin files, re-save it with safetensors."
-                        if pickled
-                        else "; pass the directory that save_pretrained wrote."
-                    )
-                )
-            try:
-                with safe_open(str(weights), framework="pt") as handle:
-                    handle.keys()
-            except Exception as err:
-                raise ValueError(
-                    f"{weights} is not a readable safetensors file ({err}); the adapter is damaged."
-                ) from err
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+            _, tensors = read_adapter(path)
+            index = {
+                k: (tuple(v.shape), bool(not v.is_floating_point() or torch.isfinite(v).all()))
+                for k, v in tensors.items()
+            }
+            del tensors
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if index is not None:
+            config._checkpoint_index = index  # checked against the model before injection (not saved)
+        return config

@@ -53,7 +53,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         raise FileNotFoundError(f"No {ADAPTER_CONFIG} in {path}; pass the directory that save_pretrained wrote.")
     if not weights_file.is_file():
         hint = (
-            " (only a pickled adapter_model.bin is there; re-save it with safetensors)"
+            "; nlora does not load pickled adapter_model.bin files, re-save it with safetensors"
             if (path / "adapter_model.bin").exists()
             else ""
         )

@@ -66,6 +66,45 @@ def check_target(key: str, base_layer: nn.Module, config: NLoraConfig, r: int) -
             )
 
 
+def check_checkpoint_index(index: dict[str, tuple], targets: dict[str, tuple[nn.Module, int]], config) -> None:
+    """Refuse a checkpoint (``{key: (shape, finite)}``) that does not fit the targeted modules, before injection."""
+    expected = {}
+    for key, (base, r) in targets.items():
+        out_f, in_f = (
+            weight_matrix(base).shape
+            if isinstance(base, nn.Embedding)
+            else (base.weight.shape if type(base).__name__ != "Conv1D" else base.weight.T.shape)
+        )
+        names = ("lora_embedding_A", "lora_embedding_B") if isinstance(base, nn.Embedding) else ("lora_A", "lora_B")
+        suffix = "" if isinstance(base, nn.Embedding) else ".weight"
+        expected[f"{key}.{names[0]}{suffix}"] = (r, in_f)
+        expected[f"{key}.{names[1]}{suffix}"] = (out_f, r)
+        expected[f"{key}.lora_N.weight"] = (r, r)
+    found = {k.removeprefix("base_model.model."): v for k, v in index.items() if ".lora_" in k}
+    for key, (shape, finite) in sorted(found.items()):
+        if key not in expected:
+            raise ValueError(
+                f"The NLoRA checkpoint does not match the model: it has '{key}', which the model lacks; load it on "
+                "the base model and target_modules it was trained with."
+            )
+        if shape != expected[key]:
+            raise ValueError(
+                f"The NLoRA checkpoint does not match the model: '{key}' has shape {shape} but the model expects "
+                f"{expected[key]}; check r, rank_pattern and the base model."
+            )
+        if not finite:
+            raise ValueError(f"The NLoRA checkpoint is corrupt: '{key}' contains NaN or inf values.")
+    optional = set()
+    if not config.save_frozen_factors:
+        optional = {k for k in expected if not k.endswith(".lora_N.weight")}
+    missing = sorted(k for k in expected if k not in found and k not in optional)
+    if missing:
+        raise ValueError(
+            f"The NLoRA checkpoint is incomplete: {len(missing)} adapter tensors are missing (e.g. '{missing[0]}'); "
+            "it was saved from a different model or the file is damaged."
+        )
+
+
 class NLoraModel(LoraModel):
     """The tuner behind ``get_peft_model(model, NLoraConfig(...))``; see :class:`nlora.NLoraConfig`."""
 
@@ -77,14 +116,20 @@ class NLoraModel(LoraModel):
         if not isinstance(config, NLoraConfig):
             raise TypeError(f"NLoraModel needs an NLoraConfig, got {type(config).__name__}; use peft.LoraConfig apart.")
         if kwargs.get("state_dict") is None:
-            self._check_all_targets(model, config)  # before any module is replaced: errors leave the model as it was
+            # before any module is replaced, so that errors leave the model as it was
+            targets = self._check_all_targets(model, config)
+            index = config.__dict__.pop("_checkpoint_index", None)
+            if index is not None:
+                check_checkpoint_index(index, targets, config)
         super().inject_adapter(model, adapter_name, **kwargs)
 
-    def _check_all_targets(self, model: nn.Module, config: NLoraConfig) -> None:
+    def _check_all_targets(self, model: nn.Module, config: NLoraConfig) -> dict[str, tuple[nn.Module, int]]:
+        """Check every module the config targets; return ``{key: (base layer, rank)}``."""
         from peft.tuners.tuners_utils import _ExcludedModule
         from peft.utils.other import get_pattern_key
 
         config = self._prepare_adapter_config(copy.copy(config), self.get_model_config(model))
+        targets = {}
         for key, module in model.named_modules():
             parts = key.split(".")
             if not key or "base_layer" in parts or any(p.startswith(("lora_", "modules_to_save")) for p in parts):
@@ -95,6 +140,8 @@ class NLoraModel(LoraModel):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
             check_target(key, base, config, r)
+            targets[key] = (base, r)
+        return targets
 
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         # PEFT builds lora_A / lora_B; it does not know our init names, so it gets a neutral copy.
