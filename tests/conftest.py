@@ -2,9 +2,9 @@ import copy
 
 import pytest
 import torch
-from models import MODELS, build, output
 
 import nlora  # noqa: F401  (registers the NLORA PEFT type)
+from models import MODELS, output
 from nlora import NLoraConfig
 
 MODES = {

@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import IDENTITY_AT_INIT, MODES, RESIDUAL, make_config, snapshot, train
-from models import MODELS, build, output
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+from conftest import IDENTITY_AT_INIT, MODES, RESIDUAL, make_config, snapshot, train
+from models import MODELS, build, output
 from nlora.layer import factor_names
 
 CASES = [(m, mode) for m in MODELS for mode in MODES]
@@ -108,7 +108,11 @@ def test_save_load_roundtrip(model_name, mode, low_cpu_mem_usage, tmp_path):
     train(model, x)
     out = output(model, x).detach()
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "NLORA"
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert any(".lora_N." in k for k in saved)

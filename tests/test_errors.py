@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from conftest import make_config, snapshot, train
-from models import MLP, build, output
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from conftest import make_config, snapshot, train
+from models import MLP, build, output
 from nlora import NLoraConfig
 
 

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from conftest import make_config, snapshot, train
-from models import build, output
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+from conftest import make_config, snapshot, train
+from models import build, output
 from nlora import NLoraConfig, init_report
 
 
@@ -174,8 +174,14 @@ def test_transformers_trainer_trains_and_saves(tmp_path):
     ids = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
-        report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     result = trainer.train()

@@ -1,0 +1,101 @@
+"""Exports load in stock PEFT (in a process that never imports nlora) and reproduce the outputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from conftest import make_config, train
+from models import build, output
+from nlora import convert_reference_checkpoint, export_lora
+
+STOCK_PEFT = """
+import sys, torch
+sys.path.insert(0, "tests")
+from models import build, output
+from peft import PeftModel
+model_name, root = sys.argv[1:]
+for adapter_dir in sorted(p for p in __import__("pathlib").Path(root).iterdir() if p.is_dir()):
+    base, x = build(model_name)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    torch.save(output(model, x).detach(), adapter_dir / "stock_peft_output.pt")
+assert "nlora" not in sys.modules, "the stock-PEFT check imported nlora"
+"""
+EXPORT_MODES = ["slora", "nlora", "nlora_reference", "inttune"]
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "gpt2", "embedding", "llama"])
+def test_export_loads_in_stock_peft_with_the_same_outputs(model_name, tmp_path):
+    expected = {}
+    for mode in EXPORT_MODES:  # one stock-PEFT process per model checks every mode (imports are slow)
+        base, x = build(model_name)
+        config = make_config(model_name, mode, rank_pattern={MODEL_FIRST_TARGET[model_name]: 2})
+        model = get_peft_model(base, config)
+        train(model, x)
+        model.eval()
+        expected[mode] = output(model, x).detach()
+        export_lora(model, tmp_path / mode)
+        assert json.loads((tmp_path / mode / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        assert not any(".lora_N" in k for k in load_file(tmp_path / mode / "adapter_model.safetensors"))
+    proc = subprocess.run([sys.executable, "-c", STOCK_PEFT, model_name, str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for mode in EXPORT_MODES:
+        stock = torch.load(tmp_path / mode / "stock_peft_output.pt", weights_only=True)
+        torch.testing.assert_close(stock, expected[mode], atol=1e-4, rtol=1e-4, msg=mode)
+
+
+MODEL_FIRST_TARGET = {"mlp": "lin0", "gpt2": "c_fc", "embedding": "emb", "llama": "q_proj"}
+
+
+def test_export_of_a_merged_adapter_is_refused(tmp_path):
+    base, x = build("mlp")
+    model = get_peft_model(base, make_config("mlp", "slora"))
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="call unmerge_adapter"):
+        export_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+def _authors_checkpoint(tmp_path, mode="nlora_reference"):
+    """What the authors' fork writes: our weights, their config (peft_type LORA, init 'n_lora'/'s_lora')."""
+    base, x = build("llama")
+    model = get_peft_model(base, make_config("llama", mode))
+    train(model, x)
+    model.eval()
+    expected = output(model, x).detach()
+    model.save_pretrained(tmp_path / "ours")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    keep = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "task_type", "fan_in_fan_out")
+    config = {k: config[k] for k in keep} | {
+        "peft_type": "LORA",
+        "init_lora_weights": {"nlora_reference": "n_lora", "slora": "s_lora"}[mode],
+    }
+    (theirs / "adapter_config.json").write_text(json.dumps(config))
+    save_file(load_file(tmp_path / "ours" / "adapter_model.safetensors"), theirs / "adapter_model.safetensors")
+    return theirs, x, expected
+
+
+@pytest.mark.parametrize("mode", ["nlora_reference", "slora"])
+def test_convert_reference_checkpoint(mode, tmp_path):
+    theirs, x, expected = _authors_checkpoint(tmp_path, mode)
+    convert_reference_checkpoint(theirs, tmp_path / "converted")
+    config = json.loads((tmp_path / "converted" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "NLORA" and config["init_lora_weights"] == mode
+    loaded = PeftModel.from_pretrained(build("llama")[0], tmp_path / "converted")
+    torch.testing.assert_close(output(loaded, x), expected, atol=1e-6, rtol=0)
+
+
+def test_converting_something_else_is_refused(tmp_path):
+    base, _ = build("mlp")
+    from peft import LoraConfig
+
+    get_peft_model(base, LoraConfig(r=2, target_modules=["lin0"])).save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="not a checkpoint of the authors' NLoRA fork"):
+        convert_reference_checkpoint(tmp_path / "plain", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
