@@ -191,3 +191,45 @@ def test_transformers_trainer_trains_and_saves(tmp_path):
             assert torch.equal(p, frozen_before[n]), n
     model.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("mode", ["nlora", "slora"])
+def test_low_cpu_mem_usage_injection_then_state_dict_load(mode):
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    base, x = build("llama")
+    trained = train(get_peft_model(base, make_config("llama", mode)), x)
+    out = output(trained, x).detach()
+    state = get_peft_model_state_dict(trained)
+    model = get_peft_model(build("llama")[0], make_config("llama", mode), low_cpu_mem_usage=True)
+    assert any(p.device.type == "meta" for n, p in model.named_parameters() if ".lora_" in n)
+    set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    torch.testing.assert_close(output(model.eval(), x), out, atol=1e-6, rtol=0)
+
+
+def test_reload_with_is_trainable_makes_a_n_and_b_trainable(tmp_path):
+    base, x = build("mlp")
+    get_peft_model(base, make_config("mlp", "nlora")).save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build("mlp")[0], tmp_path, is_trainable=True)
+    kinds = {n.split(".lora_")[1].split(".")[0] for n, p in loaded.named_parameters() if p.requires_grad}
+    assert kinds == {"A", "B", "N"}
+
+
+def test_nystrom_init_gathers_each_weight_for_deepspeed_zero3(monkeypatch):
+    """Under ZeRO-3 the full weight must be gathered (and only rank 0 may write the residual)."""
+    import contextlib
+
+    import nlora.layer
+
+    calls = []
+
+    @contextlib.contextmanager
+    def recording_gather(param, modifier_rank=None):
+        calls.append((tuple(param.shape), modifier_rank))
+        yield
+
+    monkeypatch.setattr(nlora.layer, "gather_params_ctx", recording_gather)
+    get_peft_model(build("mlp")[0], make_config("mlp", "nlora"))
+    assert calls.count(((32, 16), None)) == 1 and calls.count(((32, 16), 0)) == 1  # read, then residual write
+    assert calls.count(((8, 32), None)) == 1 and calls.count(((8, 32), 0)) == 1
