@@ -24,7 +24,12 @@ from peft.tuners.lora import LoraLayer, LoraModel  # noqa: E402
 from peft.tuners.lora.layer import Embedding as LoraEmbedding  # noqa: E402
 from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
 from peft.tuners.lora.layer import LoraVariant  # noqa: E402
-from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists  # noqa: E402
+from peft.tuners.tuners_utils import (  # noqa: E402
+    BaseTunerLayer,
+    _ExcludedModule,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
 from peft.utils.integrations import gather_params_ctx  # noqa: E402
 from peft.utils.other import transpose  # noqa: E402
 
@@ -33,6 +38,8 @@ __all__ = [
     "PEFT_TYPE_TO_PREFIX_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",
     "BaseTunerLayer",
+    "ExcludedModule",
+    "include_all_linear_layers",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
@@ -44,6 +51,10 @@ __all__ = [
     "register_peft_type",
     "transpose",
 ]
+
+
+ExcludedModule = _ExcludedModule
+include_all_linear_layers = _maybe_include_all_linear_layers
 
 
 def freeze_peft_weight(module: LoraLayer, adapter_name: str, weight_name: str) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import nystrom
-from ._compat import BaseTunerLayer, LoraLayer, LoraModel
+from ._compat import BaseTunerLayer, ExcludedModule, LoraLayer, LoraModel, include_all_linear_layers
 from .config import NLoraConfig
 from .layer import factor_names, init_adapter, restore_residual, weight_matrix
 
@@ -125,17 +125,17 @@ class NLoraModel(LoraModel):
 
     def _check_all_targets(self, model: nn.Module, config: NLoraConfig) -> dict[str, tuple[nn.Module, int]]:
         """Check every module the config targets; return ``{key: (base layer, rank)}``."""
-        from peft.tuners.tuners_utils import _ExcludedModule
         from peft.utils.other import get_pattern_key
 
         config = self._prepare_adapter_config(copy.copy(config), self.get_model_config(model))
+        config = include_all_linear_layers(config, model)  # resolves target_modules="all-linear"
         targets = {}
         for key, module in model.named_modules():
             parts = key.split(".")
             if not key or "base_layer" in parts or any(p.startswith(("lora_", "modules_to_save")) for p in parts):
                 continue
             matched = self._check_target_module_exists(config, key)
-            if not matched or isinstance(matched, _ExcludedModule):
+            if not matched or isinstance(matched, ExcludedModule):
                 continue
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)

@@ -1,0 +1,100 @@
+"""The ``nlora compare`` recipe: several methods x seeds under one recipe, a Markdown table and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .settings import TrainSettings
+from .train import run_train
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def run_compare(base: TrainSettings, methods: list[str], seeds: list[int], out_dir: str) -> Path:
+    """Train every method with every seed (same settings otherwise); write ``compare.md``, ``compare.json``, PNG."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries: list[dict[str, Any]] = []
+    for method in methods:
+        for seed in seeds:
+            run_dir = out / f"{method}-seed{seed}"
+            settings = dataclasses.replace(
+                base, method=method, seed=seed, output_dir=str(run_dir), resume=False, overwrite=True
+            )
+            summary = run_train(settings)
+            summary["metrics_file"] = str(run_dir / "metrics.jsonl")
+            summaries.append(summary)
+    (out / "compare.json").write_text(json.dumps(summaries, indent=2))
+    table = markdown_table(summaries)
+    (out / "compare.md").write_text(table)
+    plot_losses(summaries, out / "compare.png")
+    return out / "compare.md"
+
+
+def markdown_table(summaries: list[dict[str, Any]]) -> str:
+    """One row per method: mean ± std over seeds."""
+    metric = next((k for k in ("after_accuracy", "after_pearson") if any(k in s for s in summaries)), None)
+    header = [
+        "method",
+        "seeds",
+        "trainable params",
+        "init s",
+        "step s (median)",
+        "peak memory MB",
+        "final train loss",
+        "held-out loss",
+    ] + ([metric.removeprefix("after_")] if metric else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in dict.fromkeys(s["method"] for s in summaries):
+        rows = [s for s in summaries if s["method"] == method]
+        cells = [
+            method,
+            str(len(rows)),
+            f"{rows[0]['trainable_params']:,}",
+            _mean_std([r["init_seconds"] for r in rows]),
+            _mean_std([r["step_seconds_median"] for r in rows]),
+            _mean_std([r["peak_memory_mb"] for r in rows]),
+            _mean_std([r["train_loss"] for r in rows]),
+            _mean_std([r.get("after_loss") for r in rows]),
+        ]
+        if metric:
+            cells.append(_mean_std([r.get(metric) for r in rows]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_losses(summaries: list[dict[str, Any]], path: Path) -> None:
+    """Training loss against step, mean over seeds, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(s["method"] for s in summaries):
+        curves = []
+        for summary in (s for s in summaries if s["method"] == method):
+            lines = Path(summary["metrics_file"]).read_text().splitlines()
+            curve = {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+            curves.append(curve)
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps], label=method)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean over seeds)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

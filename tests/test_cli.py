@@ -1,0 +1,281 @@
+"""End-to-end tests of the nlora command line on a tiny model and in-test data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cli_fixtures import arithmetic_rows, make_tiny_model, sentiment_rows, write_jsonl
+from nlora.cli import main
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    model = make_tiny_model(root / "tiny-llama")
+    sft = write_jsonl(root / "arith.jsonl", arithmetic_rows(80))
+    cls = root / "sentiment.csv"
+    cls.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in sentiment_rows(80)))
+    return {"model": str(model), "sft": str(sft), "cls": str(cls), "root": root}
+
+
+def base_args(tiny, out, *extra):
+    return [
+        "train",
+        "--model",
+        tiny["model"],
+        "--data",
+        tiny["sft"],
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "4",
+        "--r",
+        "4",
+        "--max-length",
+        "192",
+        "--per-device-train-batch-size",
+        "4",
+        "--save-steps",
+        "2",
+        "--learning-rate",
+        "1e-2",
+        "--max-eval-samples",
+        "8",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "slora", "nlora", "nlora-reference", "inttune"])
+def test_train_every_method_end_to_end(tiny, tmp_path, method, capsys):
+    out = tmp_path / method
+    assert main(base_args(tiny, out, "--method", method)) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all({"learning_rate", "grad_norm", "peak_memory_mb", "step_seconds"} <= set(r) for r in steps)
+    assert all("tokens_per_s" in r for r in steps[1:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["init_seconds"] > 0 and summary["before_loss"] > summary["after_loss"]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == ("LORA" if method in ("lora", "pissa") else "NLORA")
+    n_matrices = 2 * 7
+    if method == "inttune":
+        assert summary["trainable_params"] == n_matrices * 16
+    assert "held-out loss" in capsys.readouterr().out
+
+
+def test_classification_task_with_config_file_and_override(tiny, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"model: {tiny['model']}\ntask: classification\ndata: {tiny['cls']}\nmethod: slora\nr: 2\n"
+        f"max_steps: 3\nsave_steps: 0\nmax_length: 32\nlearning_rate: 0.01\n"
+    )
+    out = tmp_path / "cls"
+    assert main(["train", "--config", str(cfg), "--output-dir", str(out), "--method", "nlora"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "nlora" and 0 <= summary["after_accuracy"] <= 1
+    assert {"after_f1", "after_mcc"} <= set(summary)
+
+
+def test_merge_writes_a_merged_model(tiny, tmp_path):
+    out = tmp_path / "m"
+    assert main(base_args(tiny, out, "--merge", "--save-steps", "0")) == 0
+    merged = load_file(out / "merged" / "model.safetensors")
+    assert merged and not any("lora" in k for k in merged)
+
+
+def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(base_args(tiny, full, "--max-steps", "6", "--save-steps", "3")) == 0
+    assert main(base_args(tiny, cut, "--max-steps", "6", "--save-steps", "3")) == 0
+    # emulate a run killed after its step-3 checkpoint: everything later is lost
+    for path in ("checkpoint-6", "adapter", "summary.json"):
+        target = cut / path
+        subprocess.run(["rm", "-rf", str(target)], check=True)
+    assert main(base_args(tiny, cut, "--max-steps", "6", "--save-steps", "3", "--resume")) == 0
+    a = load_file(full / "adapter" / "adapter_model.safetensors")
+    b = load_file(cut / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    steps = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny, tmp_path):
+    out = tmp_path / "int"
+    args = base_args(tiny, out, "--max-steps", "400", "--save-steps", "0", "--eval-before", "false")
+    cmd = [sys.executable, "-c", "import sys; from nlora.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "continue with --resume" in err
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "optimizer.pt").exists()
+    assert not (out / "adapter").exists()  # no half-trained adapter where a finished one would go
+    assert main([*args, "--max-steps", "400", "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 400
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda t, p: ["--data", str(p / "missing.jsonl")], "Data file .*missing.jsonl does not exist"),
+        (
+            lambda t, p: ["--prompt-field", "query"],
+            r"Field 'query' is not a column of .*; its columns are \['answer', 'question'\]",
+        ),
+        (lambda t, p: ["--data", str(write_jsonl(p / "empty.jsonl", []))], "has no rows"),
+        (
+            lambda t, p: [
+                "--data",
+                str(write_jsonl(p / "hole.jsonl", arithmetic_rows(5) + [{"question": "x"}] + arithmetic_rows(5))),
+            ],
+            r"Row \d+ of .*hole.jsonl has no value for 'answer'",
+        ),
+        (lambda t, p: ["--method", "qlora"], "Unknown method 'qlora'"),
+        (lambda t, p: ["--task", "ranking"], "Unknown task 'ranking'"),
+        (lambda t, p: ["--r", "500"], "rank r=500 is invalid for module"),
+        (lambda t, p: ["--target-modules", "nothing_here"], "Target modules .*nothing_here.* not found"),
+    ],
+    ids=[
+        "missing-file",
+        "unknown-column",
+        "empty",
+        "row-missing-field",
+        "unknown-method",
+        "unknown-task",
+        "rank-too-large",
+        "no-target-match",
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny, tmp_path, capsys, mutate, match):
+    import re
+
+    out = tmp_path / "bad"
+    assert main(base_args(tiny, out, *mutate(tiny, tmp_path))) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("nlora: error: ") and re.search(match, err), err
+    assert not (out / "adapter").exists()
+
+
+def test_output_dir_of_another_run_and_resume_mismatch_are_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(base_args(tiny, out)) == 0
+    before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert main(base_args(tiny, out)) == 2
+    assert "already holds files of another run; pass --overwrite" in capsys.readouterr().err
+    assert main(base_args(tiny, out, "--resume", "--learning-rate", "0.5")) == 2
+    assert "started with different settings (learning_rate)" in capsys.readouterr().err
+    assert main(base_args(tiny, out, "--overwrite", "--r", "500")) == 2  # a failed overwrite keeps the good adapter
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_eval_gsm8k_math_humaneval_classification(tiny, tmp_path):
+    out = tmp_path / "train"
+    assert main(base_args(tiny, out)) == 0
+    adapter = str(out / "adapter")
+    common = ["--model", tiny["model"], "--adapter", adapter, "--limit", "3", "--max-new-tokens", "6"]
+    assert main(["eval", "--task", "gsm8k", "--data", tiny["sft"], *common, "--output-dir", str(tmp_path / "g")]) == 0
+    score = json.loads((tmp_path / "g" / "score.json").read_text())
+    preds = [json.loads(x) for x in (tmp_path / "g" / "predictions.jsonl").read_text().splitlines()]
+    assert score["n"] == 3 and len(preds) == 3 and {"completion", "prediction", "gold", "correct"} <= set(preds[0])
+
+    math_file = write_jsonl(tmp_path / "math.jsonl", [{"problem": "1+1?", "solution": "It is $\\boxed{2}$."}] * 3)
+    assert main(["eval", "--task", "math", "--data", str(math_file), *common, "--output-dir", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "score.json").read_text())["n"] == 3
+
+    assert main(["eval", "--task", "humaneval", *common, "--output-dir", str(tmp_path / "h")]) == 0
+    h = [json.loads(x) for x in (tmp_path / "h" / "predictions.jsonl").read_text().splitlines()]
+    assert len(h) == 3 and all(r["passed"] is False for r in h)  # a 2-layer random model writes no working code
+
+    cls_out = tmp_path / "cls-train"
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                tiny["model"],
+                "--task",
+                "classification",
+                "--data",
+                tiny["cls"],
+                "--output-dir",
+                str(cls_out),
+                "--max-steps",
+                "2",
+                "--save-steps",
+                "0",
+                "--r",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                "classification",
+                "--model",
+                tiny["model"],
+                "--adapter",
+                str(cls_out / "adapter"),
+                "--data",
+                tiny["cls"],
+                "--limit",
+                "16",
+                "--output-dir",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
+    assert {"accuracy", "f1", "mcc"} <= set(json.loads((tmp_path / "c" / "score.json").read_text()))
+
+
+def test_compare_writes_table_and_png(tiny, tmp_path):
+    args = base_args(tiny, tmp_path / "unused", "--save-steps", "0")[1:]
+    assert (
+        main(["compare", *args, "--methods", "lora,nlora", "--seeds", "0,1", "--compare-dir", str(tmp_path / "c")]) == 0
+    )
+    table = (tmp_path / "c" / "compare.md").read_text().splitlines()
+    assert table[0].startswith("| method | seeds | trainable params")
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["lora", "nlora"]
+    assert all(" ± " in row for row in table[2:])  # two seeds: mean ± std
+    assert (tmp_path / "c" / "compare.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_export_command(tiny, tmp_path, merged):
+    out = tmp_path / "t"
+    assert main(base_args(tiny, out, "--save-steps", "0")) == 0
+    target = tmp_path / "exported"
+    args = ["export", "--model", tiny["model"], "--adapter", str(out / "adapter"), "--out", str(target)]
+    assert main(args + (["--merged"] if merged else [])) == 0
+    if merged:
+        assert (target / "model.safetensors").exists()
+    else:
+        assert json.loads((target / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_help_of_every_subcommand():
+    for sub in ("train", "demo", "eval", "compare", "export", "prepare"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "nlora.cli", sub, "--help"], capture_output=True, text=True, env={**os.environ}
+        )
+        assert proc.returncode == 0 and "usage: nlora" in proc.stdout
