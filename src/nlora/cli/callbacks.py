@@ -24,12 +24,12 @@ def peak_memory_mb() -> float:
 class MetricsLogger(TrainerCallback):
     """Append one JSON line per logging step: loss, lr, grad norm, tokens/s, step seconds, peak memory."""
 
-    def __init__(self, path: Path, resume_step: int = 0):
+    def __init__(self, path: Path, resume_step: int = 0, writer: bool = True):
         self.path = path
         self.step_started = None
         self.step_seconds: list[float] = []
         self.last_time, self.last_tokens = None, 0
-        if path.exists():  # after --resume, drop lines past the checkpoint we continue from
+        if writer and path.exists():  # after --resume, drop lines past the checkpoint we continue from
             kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
 

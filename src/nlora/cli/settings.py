@@ -124,12 +124,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainSettings):
         default = f.default if f.default is not dataclasses.MISSING else None
         kind = {"int": int, "float": float, "bool": _parse_bool}.get(str(f.type).split("|")[0].strip(), str)
-        flag = "--" + f.name.replace("_", "-")
+        # --rank as well as --r: launchers such as torchrun reject the ambiguous prefix "--r"
+        flags = ["--" + f.name.replace("_", "-")] + (["--rank"] if f.name == "r" else [])
         help_text = f.metadata.get("help", "")
         if kind is _parse_bool:
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, help=help_text)
+            parser.add_argument(*flags, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None,
+                                help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default: {default})".strip())
+            parser.add_argument(*flags, dest=f.name, type=kind, default=None,
+                                help=f"{help_text} (default: {default})".strip())
 
 
 def from_args(args: argparse.Namespace) -> TrainSettings:

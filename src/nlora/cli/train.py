@@ -95,6 +95,7 @@ def load_model_and_tokenizer(settings: TrainSettings):
 
 
 def build_trainer(settings: TrainSettings, model, tokenizer, train_rows, eval_rows, callbacks):
+    import torch
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments
 
     from .data import tokenize_classification, tokenize_sft
@@ -130,6 +131,7 @@ def build_trainer(settings: TrainSettings, model, tokenizer, train_rows, eval_ro
         remove_unused_columns=False,
         disable_tqdm=False,
         ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),  # also makes multi-process CPU runs use DDP (gloo)
     )
     return Trainer(
         model=model,
@@ -152,8 +154,18 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
     from .data import train_and_eval_rows
     from .methods import peft_config
 
+    import torch
+    from accelerate import PartialState
+
     settings.validate()
-    out, resume_from = prepare_output_dir(settings)
+    # sets up torch.distributed under torchrun / accelerate launch (gloo when there is no GPU)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.is_main_process:  # one process guards and prepares the output directory
+        out, resume_from = prepare_output_dir(settings)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        out = Path(settings.output_dir)
+        resume_from = last_complete_checkpoint(out) if settings.resume else None
     set_seed(settings.seed)
     train_rows, eval_rows = train_and_eval_rows(settings)
     model, tokenizer = load_model_and_tokenizer(settings)
@@ -167,7 +179,7 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
     trainable, total = model.get_nb_trainable_parameters()
 
     resume_step = int(resume_from.rsplit("-", 1)[-1]) if resume_from else 0
-    metrics = MetricsLogger(out / "metrics.jsonl", resume_step=resume_step)
+    metrics = MetricsLogger(out / "metrics.jsonl", resume_step=resume_step, writer=state.is_main_process)
     interrupt = GracefulInterrupt()
     trainer = build_trainer(settings, model, tokenizer, train_rows, eval_rows, [metrics, interrupt])
     before = trainer.evaluate(metric_key_prefix="before") if settings.eval_before and not resume_from else {}
