@@ -62,6 +62,7 @@ class TrainSettings:
     max_steps: int = field(default=40, metadata={"help": "-1: run num_train_epochs"})
     seed: int = 0
     logging_steps: int = 1
+    eval_steps: int = field(default=0, metadata={"help": "held-out loss every N steps (0: only before/after)"})
     save_steps: int = field(default=20, metadata={"help": "checkpoint every N steps (0: none)"})
     bf16: bool = False
     gradient_checkpointing: bool = False

@@ -122,6 +122,8 @@ def build_trainer(settings: TrainSettings, model, tokenizer, train_rows, eval_ro
         seed=settings.seed,
         data_seed=settings.seed,
         logging_steps=settings.logging_steps,
+        eval_strategy="steps" if settings.eval_steps else "no",
+        eval_steps=settings.eval_steps or None,
         save_strategy="steps" if settings.save_steps else "no",
         save_steps=settings.save_steps or 500,
         bf16=settings.bf16,

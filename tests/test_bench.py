@@ -1,0 +1,50 @@
+"""Each benchmark script runs on a tiny size (timings are benchmarks, never asserted here)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_fixtures import arithmetic_rows, make_tiny_model, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script, tmp_path, *args):
+    env = {**os.environ, "NLORA_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--tiny", *args], capture_output=True,
+                          text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp_path / (script.removesuffix(".py") + "_tiny.json")).read_text())
+
+
+def test_init_cost_tiny(tmp_path):
+    result = run_bench("init_cost.py", tmp_path)
+    methods = {row["method"] for row in result["matrices"]}
+    assert {"nlora (default: norm, lstsq, 2r)", "PEFT pissa_niter_4", "PEFT PiSSA (full SVD)", "slora"} <= methods
+    nlora_row = next(r for r in result["matrices"] if r["method"].startswith("nlora (default"))
+    assert 0 < nlora_row["rel_error"] < 1 and nlora_row["seconds"] > 0
+
+
+def test_step_cost_tiny(tmp_path):
+    rows = run_bench("step_cost.py", tmp_path)["rows"]
+    by = {r["method"]: r for r in rows}
+    assert by["IntTune"]["trainable_params"] < by["PEFT LoRA"]["trainable_params"] < by["SLoRA"]["trainable_params"]
+    assert by["IntTune"]["optimizer_state_mib"] < by["PEFT LoRA"]["optimizer_state_mib"]
+
+
+def test_scaling_tiny(tmp_path):
+    fits = run_bench("scaling.py", tmp_path)["fits"]
+    assert len(fits) == 4 and all(isinstance(f["exponent"], float) for f in fits)
+
+
+@pytest.mark.integration
+def test_convergence_tiny(tmp_path):
+    model = make_tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "arith.jsonl", arithmetic_rows(40))
+    rows = run_bench("convergence.py", tmp_path, "--tasks", "math", "--seeds", "0,1", "--math-steps", "2",
+                     "--tiny-model", str(model), "--tiny-data", str(data), "--out", str(tmp_path / "runs"))["rows"]
+    assert [r["method"] for r in rows] == ["lora", "pissa", "slora", "nlora-reference", "nlora", "inttune"]
+    assert all(len(r["heldout_loss"]) == 2 for r in rows)
