@@ -31,16 +31,47 @@ LR_GRID = {"default": [2e-4, 1e-3], "inttune": [1e-3, 5e-3]}
 
 def task_settings(task: str, steps: int, tiny_model: str | None, tiny_data: str | None) -> TrainSettings:
     if tiny_model:
-        return TrainSettings(model=tiny_model, data=tiny_data, max_steps=steps, r=4, max_length=192, save_steps=0,
-                             eval_steps=max(1, steps // 2), max_eval_samples=8, eval_before=False)
+        return TrainSettings(
+            model=tiny_model,
+            data=tiny_data,
+            max_steps=steps,
+            r=4,
+            max_length=192,
+            save_steps=0,
+            eval_steps=max(1, steps // 2),
+            max_eval_samples=8,
+            eval_before=False,
+        )
     if task == "math":
-        return TrainSettings(model="smollm2-135m", data="gsm8k", max_steps=steps, r=8, max_length=160,
-                             per_device_train_batch_size=4, save_steps=0, eval_steps=max(1, steps // 4),
-                             max_eval_samples=32, eval_before=False)
-    return TrainSettings(model="minilm", task="classification", data="vader-movies", text_field="text",
-                         label_field="label", max_steps=steps, r=8, max_length=64, per_device_train_batch_size=16,
-                         per_device_eval_batch_size=64, save_steps=0, eval_steps=max(1, steps // 4),
-                         max_eval_samples=256, eval_before=False, max_train_samples=4000)
+        return TrainSettings(
+            model="smollm2-135m",
+            data="gsm8k",
+            max_steps=steps,
+            r=8,
+            max_length=160,
+            per_device_train_batch_size=4,
+            save_steps=0,
+            eval_steps=max(1, steps // 4),
+            max_eval_samples=32,
+            eval_before=False,
+        )
+    return TrainSettings(
+        model="minilm",
+        task="classification",
+        data="vader-movies",
+        text_field="text",
+        label_field="label",
+        max_steps=steps,
+        r=8,
+        max_length=64,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        save_steps=0,
+        eval_steps=max(1, steps // 4),
+        max_eval_samples=256,
+        eval_before=False,
+        max_train_samples=4000,
+    )
 
 
 def curve(run_dir: Path, key: str) -> dict[int, float]:
@@ -54,19 +85,39 @@ def run_task(task: str, base: TrainSettings, seeds: list[int], out: Path) -> lis
         grid = LR_GRID.get(method, LR_GRID["default"])
         trials = []
         for lr in grid:
-            settings = dataclasses.replace(base, method=method, learning_rate=lr, seed=seeds[0], overwrite=True,
-                                           output_dir=str(out / task / f"{method}-lr{lr}-seed{seeds[0]}"))
+            settings = dataclasses.replace(
+                base,
+                method=method,
+                learning_rate=lr,
+                seed=seeds[0],
+                overwrite=True,
+                output_dir=str(out / task / f"{method}-lr{lr}-seed{seeds[0]}"),
+            )
             trials.append((run_train(settings)["after_loss"], lr, settings.output_dir))
         best_loss, best_lr, first_dir = min(trials)
         run_dirs = [Path(first_dir)]
         for seed in seeds[1:]:
-            settings = dataclasses.replace(base, method=method, learning_rate=best_lr, seed=seed, overwrite=True,
-                                           output_dir=str(out / task / f"{method}-lr{best_lr}-seed{seed}"))
+            settings = dataclasses.replace(
+                base,
+                method=method,
+                learning_rate=best_lr,
+                seed=seed,
+                overwrite=True,
+                output_dir=str(out / task / f"{method}-lr{best_lr}-seed{seed}"),
+            )
             run_train(settings)
             run_dirs.append(Path(settings.output_dir))
         summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
-        results.append({"task": task, "method": method, "lr_grid": {str(lr): loss for loss, lr, _ in trials},
-                        "best_lr": best_lr, "runs": [str(d) for d in run_dirs], "summaries": summaries})
+        results.append(
+            {
+                "task": task,
+                "method": method,
+                "lr_grid": {str(lr): loss for loss, lr, _ in trials},
+                "best_lr": best_lr,
+                "runs": [str(d) for d in run_dirs],
+                "summaries": summaries,
+            }
+        )
     return results
 
 
@@ -82,13 +133,20 @@ def aggregate(results: list[dict]) -> list[dict]:
             mean_curve = {s: statistics.mean(c[s] for c in curves) for s in steps}
             reach = next((s for s in steps if mean_curve[s] <= lora_final), None)
             metric = [s.get("after_accuracy") for s in r["summaries"] if s.get("after_accuracy") is not None]
-            rows.append({
-                "task": task, "method": r["method"], "best_lr": r["best_lr"], "seeds": len(r["runs"]),
-                "trainable_params": r["summaries"][0]["trainable_params"],
-                "train_loss": [s["train_loss"] for s in r["summaries"]],
-                "heldout_loss": [s["after_loss"] for s in r["summaries"]],
-                "accuracy": metric, "steps_to_lora_final": reach, "eval_curve": mean_curve,
-            })
+            rows.append(
+                {
+                    "task": task,
+                    "method": r["method"],
+                    "best_lr": r["best_lr"],
+                    "seeds": len(r["runs"]),
+                    "trainable_params": r["summaries"][0]["trainable_params"],
+                    "train_loss": [s["train_loss"] for s in r["summaries"]],
+                    "heldout_loss": [s["after_loss"] for s in r["summaries"]],
+                    "accuracy": metric,
+                    "steps_to_lora_final": reach,
+                    "eval_curve": mean_curve,
+                }
+            )
     return rows
 
 
@@ -111,7 +169,9 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         for r in (r for r in rows if r["task"] == task):
             steps = sorted(r["eval_curve"])
-            ax.plot(steps, [r["eval_curve"][s] for s in steps], marker="o", label=f"{r['method']} (lr {r['best_lr']:g})")
+            ax.plot(
+                steps, [r["eval_curve"][s] for s in steps], marker="o", label=f"{r['method']} (lr {r['best_lr']:g})"
+            )
         ax.set_title(f"{task}: held-out loss (mean over seeds)")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -141,20 +201,45 @@ def main() -> None:
         results += run_task(task, base, seeds, out)
     rows = aggregate(results)
     command = "python bench/convergence.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k != "out")
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k != "out"
+    )
     payload = {"machine": machine(), "command": command, "rows": rows, "lr_grids": LR_GRID}
     write_results("convergence" + ("_tiny" if args.tiny else ""), payload)
     if args.tiny:
         return
     plot(rows, DOCS / "convergence.png")
-    table = markdown(["task", "method", "best lr", "seeds", "trainable params", "final train loss", "final held-out loss",
-                      "held-out accuracy", "first step ≤ LoRA's final held-out loss"],
-                     [[r["task"], r["method"], r["best_lr"], r["seeds"], f"{r['trainable_params']:,}",
-                       fmt(r["train_loss"]), fmt(r["heldout_loss"]), fmt(r["accuracy"]),
-                       r["steps_to_lora_final"] if r["steps_to_lora_final"] is not None else "not reached"]
-                      for r in rows])
-    update_section("convergence", f"Command: `{command}` · lr grids {LR_GRID} · machine: {payload['machine']}\n\n"
-                                  f"{table}\n![held-out loss curves](convergence.png)")
+    table = markdown(
+        [
+            "task",
+            "method",
+            "best lr",
+            "seeds",
+            "trainable params",
+            "final train loss",
+            "final held-out loss",
+            "held-out accuracy",
+            "first step ≤ LoRA's final held-out loss",
+        ],
+        [
+            [
+                r["task"],
+                r["method"],
+                r["best_lr"],
+                r["seeds"],
+                f"{r['trainable_params']:,}",
+                fmt(r["train_loss"]),
+                fmt(r["heldout_loss"]),
+                fmt(r["accuracy"]),
+                r["steps_to_lora_final"] if r["steps_to_lora_final"] is not None else "not reached",
+            ]
+            for r in rows
+        ],
+    )
+    update_section(
+        "convergence",
+        f"Command: `{command}` · lr grids {LR_GRID} · machine: {payload['machine']}\n\n"
+        f"{table}\n![held-out loss curves](convergence.png)",
+    )
 
 
 if __name__ == "__main__":

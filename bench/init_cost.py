@@ -97,14 +97,32 @@ def bench_matrix(shape: tuple[int, int], ranks: list[int], repeats: int, full_sv
         floor = median(times["floor"])
         niter = median(times["PEFT pissa_niter_4"])
         for method, make in methods.items():
-            model, memory = peak_rss_delta(lambda: _adapt(One(weight), make(r), ["proj"]))
+            model, memory = peak_rss_delta(lambda: _adapt(One(weight), make(r), ["proj"]))  # noqa: B023
             error = approx_error(model, {"proj": weight}, method, r)[0]
             t = median(times[method])
-            rows.append({"shape": f"{shape[0]}x{shape[1]}", "r": r, "method": method, "seconds": t,
-                         "x_floor": t / floor, "pissa_niter_4_over_this": niter / t, "peak_mib": memory,
-                         "rel_error": error, "svd_optimum": optimum[r], "error_over_optimum": error / optimum[r]})
-        rows.append({"shape": f"{shape[0]}x{shape[1]}", "r": r, "method": "floor (W @ X, X in x r)",
-                     "seconds": floor, "x_floor": 1.0})
+            rows.append(
+                {
+                    "shape": f"{shape[0]}x{shape[1]}",
+                    "r": r,
+                    "method": method,
+                    "seconds": t,
+                    "x_floor": t / floor,
+                    "pissa_niter_4_over_this": niter / t,
+                    "peak_mib": memory,
+                    "rel_error": error,
+                    "svd_optimum": optimum[r],
+                    "error_over_optimum": error / optimum[r],
+                }
+            )
+        rows.append(
+            {
+                "shape": f"{shape[0]}x{shape[1]}",
+                "r": r,
+                "method": "floor (W @ X, X in x r)",
+                "seconds": floor,
+                "x_floor": 1.0,
+            }
+        )
     return rows
 
 
@@ -131,13 +149,22 @@ def bench_smollm2(ranks: list[int], repeats: int) -> list[dict]:
                 times[method].append(time.perf_counter() - started)
                 if rep == 0:
                     errors = approx_error(adapted, original, method, r)
-                    names = [n.removeprefix("base_model.model.") for n, m in adapted.named_modules()
-                             if hasattr(m, "lora_A") and "default" in m.lora_A]
+                    names = [
+                        n.removeprefix("base_model.model.")
+                        for n, m in adapted.named_modules()
+                        if hasattr(m, "lora_A") and "default" in m.lora_A
+                    ]
                     ratios = [e / optimum[n] for e, n in zip(errors, names)]
-                    rows.append({"model": "SmolLM2-135M (210 matrices)", "r": r, "method": method,
-                                 "median_error": statistics.median(errors),
-                                 "median_error_over_optimum": statistics.median(ratios),
-                                 "max_error_over_optimum": max(ratios)})
+                    rows.append(
+                        {
+                            "model": "SmolLM2-135M (210 matrices)",
+                            "r": r,
+                            "method": method,
+                            "median_error": statistics.median(errors),
+                            "median_error_over_optimum": statistics.median(ratios),
+                            "max_error_over_optimum": max(ratios),
+                        }
+                    )
                 del model
         niter = median(times["PEFT pissa_niter_4"])
         for row in rows:
@@ -159,22 +186,74 @@ def main() -> None:
     for shape in shapes:
         matrix_rows += bench_matrix(shape, ranks, repeats, full_svd=True)
     model_rows = [] if args.tiny else bench_smollm2(ranks, repeats)
-    payload = {"machine": machine(), "command": "python bench/init_cost.py" + (" --tiny" if args.tiny else ""),
-               "matrices": matrix_rows, "smollm2": model_rows}
+    payload = {
+        "machine": machine(),
+        "command": "python bench/init_cost.py" + (" --tiny" if args.tiny else ""),
+        "matrices": matrix_rows,
+        "smollm2": model_rows,
+    }
     write_results("init_cost" + ("_tiny" if args.tiny else ""), payload)
     if args.tiny:
         return
-    headers = ["shape", "r", "method", "seconds", "× floor", "pissa_niter_4 / this", "peak MiB", "rel. error",
-               "SVD optimum", "error / optimum"]
-    table = markdown(headers, [[x["shape"], x["r"], x["method"], x["seconds"], x["x_floor"],
-                                x.get("pissa_niter_4_over_this", ""), x.get("peak_mib", ""), x.get("rel_error", ""),
-                                x.get("svd_optimum", ""), x.get("error_over_optimum", "")] for x in matrix_rows])
-    table2 = markdown(["model", "r", "method", "seconds (all 210)", "pissa_niter_4 / this", "median rel. error",
-                       "median error / optimum", "max error / optimum"],
-                      [[x["model"], x["r"], x["method"], x["seconds"], x["pissa_niter_4_over_this"], x["median_error"],
-                        x["median_error_over_optimum"], x["max_error_over_optimum"]] for x in model_rows])
-    body = (f"Command: `{payload['command']}` · machine: {payload['machine']}\n\n### Per matrix\n\n{table}\n"
-            f"### Whole model\n\n{table2}")
+    headers = [
+        "shape",
+        "r",
+        "method",
+        "seconds",
+        "× floor",
+        "pissa_niter_4 / this",
+        "peak MiB",
+        "rel. error",
+        "SVD optimum",
+        "error / optimum",
+    ]
+    table = markdown(
+        headers,
+        [
+            [
+                x["shape"],
+                x["r"],
+                x["method"],
+                x["seconds"],
+                x["x_floor"],
+                x.get("pissa_niter_4_over_this", ""),
+                x.get("peak_mib", ""),
+                x.get("rel_error", ""),
+                x.get("svd_optimum", ""),
+                x.get("error_over_optimum", ""),
+            ]
+            for x in matrix_rows
+        ],
+    )
+    table2 = markdown(
+        [
+            "model",
+            "r",
+            "method",
+            "seconds (all 210)",
+            "pissa_niter_4 / this",
+            "median rel. error",
+            "median error / optimum",
+            "max error / optimum",
+        ],
+        [
+            [
+                x["model"],
+                x["r"],
+                x["method"],
+                x["seconds"],
+                x["pissa_niter_4_over_this"],
+                x["median_error"],
+                x["median_error_over_optimum"],
+                x["max_error_over_optimum"],
+            ]
+            for x in model_rows
+        ],
+    )
+    body = (
+        f"Command: `{payload['command']}` · machine: {payload['machine']}\n\n### Per matrix\n\n{table}\n"
+        f"### Whole model\n\n{table2}"
+    )
     update_section("init-cost", body)
 
 

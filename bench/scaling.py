@@ -46,7 +46,9 @@ def init_seconds(shape, r, config_factory, repeats) -> float:
 
 INITS = {
     "nlora": lambda r: NLoraConfig(r=r, lora_alpha=r, target_modules=["0"]),
-    "PEFT pissa_niter_4": lambda r: LoraConfig(r=r, lora_alpha=r, target_modules=["0"], init_lora_weights="pissa_niter_4"),
+    "PEFT pissa_niter_4": lambda r: LoraConfig(
+        r=r, lora_alpha=r, target_modules=["0"], init_lora_weights="pissa_niter_4"
+    ),
 }
 
 
@@ -63,22 +65,40 @@ def main() -> None:
     for name, factory in INITS.items():
         by_rank = [init_seconds(fixed_shape, r, factory, repeats) for r in ranks]
         by_size = [init_seconds(s, fixed_r, factory, 1 if s[0] * s[1] > 5e7 else repeats) for s in shapes]
-        rows += [{"what": "init", "method": name, "shape": f"{fixed_shape[0]}x{fixed_shape[1]}", "r": r, "seconds": t}
-                 for r, t in zip(ranks, by_rank)]
-        rows += [{"what": "init", "method": name, "shape": f"{s[0]}x{s[1]}", "r": fixed_r, "seconds": t}
-                 for s, t in zip(shapes, by_size)]
-        fits.append({"what": f"{name} init vs rank ({fixed_shape[0]}x{fixed_shape[1]})",
-                     "exponent": fit_exponent(ranks, by_rank)})
-        fits.append({"what": f"{name} init vs number of weights (r={fixed_r})",
-                     "exponent": fit_exponent([s[0] * s[1] for s in shapes], by_size)})
+        rows += [
+            {"what": "init", "method": name, "shape": f"{fixed_shape[0]}x{fixed_shape[1]}", "r": r, "seconds": t}
+            for r, t in zip(ranks, by_rank)
+        ]
+        rows += [
+            {"what": "init", "method": name, "shape": f"{s[0]}x{s[1]}", "r": fixed_r, "seconds": t}
+            for s, t in zip(shapes, by_size)
+        ]
+        fits.append(
+            {
+                "what": f"{name} init vs rank ({fixed_shape[0]}x{fixed_shape[1]})",
+                "exponent": fit_exponent(ranks, by_rank),
+            }
+        )
+        fits.append(
+            {
+                "what": f"{name} init vs number of weights (r={fixed_r})",
+                "exponent": fit_exponent([s[0] * s[1] for s in shapes], by_size),
+            }
+        )
     if not args.tiny:
         from step_cost import load_base, make_step
 
         base, batch = load_base(False)
         step_ranks, step_times = [8, 32, 128, 256], []
         for r in step_ranks:
-            model = get_peft_model(base, NLoraConfig(r=r, lora_alpha=r, target_modules=["q_proj", "k_proj", "v_proj",
-                                   "o_proj", "gate_proj", "up_proj", "down_proj"])).train()
+            model = get_peft_model(
+                base,
+                NLoraConfig(
+                    r=r,
+                    lora_alpha=r,
+                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                ),
+            ).train()
             step, _ = make_step(model, batch)
             step()
             times = []
@@ -89,16 +109,26 @@ def main() -> None:
             step_times.append(median(times))
             rows.append({"what": "step", "method": "nlora", "shape": "SmolLM2-135M", "r": r, "seconds": step_times[-1]})
             base = model.unload()
-        fits.append({"what": "nlora training step vs rank (SmolLM2-135M)", "exponent": fit_exponent(step_ranks, step_times)})
-    payload = {"machine": machine(), "command": "python bench/scaling.py" + (" --tiny" if args.tiny else ""),
-               "rows": rows, "fits": fits}
+        fits.append(
+            {"what": "nlora training step vs rank (SmolLM2-135M)", "exponent": fit_exponent(step_ranks, step_times)}
+        )
+    payload = {
+        "machine": machine(),
+        "command": "python bench/scaling.py" + (" --tiny" if args.tiny else ""),
+        "rows": rows,
+        "fits": fits,
+    }
     write_results("scaling" + ("_tiny" if args.tiny else ""), payload)
     if args.tiny:
         return
-    table = markdown(["what", "method", "shape", "r", "seconds"],
-                     [[x["what"], x["method"], x["shape"], x["r"], x["seconds"]] for x in rows])
+    table = markdown(
+        ["what", "method", "shape", "r", "seconds"],
+        [[x["what"], x["method"], x["shape"], x["r"], x["seconds"]] for x in rows],
+    )
     fit_table = markdown(["fit", "exponent"], [[f["what"], f["exponent"]] for f in fits])
-    update_section("scaling", f"Command: `{payload['command']}` · machine: {payload['machine']}\n\n{fit_table}\n{table}")
+    update_section(
+        "scaling", f"Command: `{payload['command']}` · machine: {payload['machine']}\n\n{fit_table}\n{table}"
+    )
 
 
 if __name__ == "__main__":

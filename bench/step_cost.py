@@ -35,8 +35,14 @@ def load_base(tiny: bool):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2)
+        config = LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
         return LlamaForCausalLM(config), torch.randint(0, 128, (4, 32))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,8 +68,15 @@ def make_step(model, batch):
 
 
 def optimizer_state_mib(optimizer) -> float:
-    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-               if torch.is_tensor(t) and t.dim() > 0) / 2**20
+    return (
+        sum(
+            t.numel() * t.element_size()
+            for s in optimizer.state.values()
+            for t in s.values()
+            if torch.is_tensor(t) and t.dim() > 0
+        )
+        / 2**20
+    )
 
 
 def main() -> None:
@@ -90,23 +103,62 @@ def main() -> None:
             state = optimizer_state_mib(optimizers[name])
             t = median(times[name])
             trainable = models[name].get_nb_trainable_parameters()[0]
-            rows.append({"r": r, "method": name, "trainable_params": trainable, "step_seconds": t,
-                         "step_over_lora": t / lora_time, "tokens_per_s": batch.numel() / t,
-                         "optimizer_state_mib": state, "state_over_lora": state / lora_state,
-                         "step_peak_rss_growth_mib": memory})
+            rows.append(
+                {
+                    "r": r,
+                    "method": name,
+                    "trainable_params": trainable,
+                    "step_seconds": t,
+                    "step_over_lora": t / lora_time,
+                    "tokens_per_s": batch.numel() / t,
+                    "optimizer_state_mib": state,
+                    "state_over_lora": state / lora_state,
+                    "step_peak_rss_growth_mib": memory,
+                }
+            )
         del models, steps, optimizers
-    payload = {"machine": machine(), "command": "python bench/step_cost.py" + (" --tiny" if args.tiny else ""),
-               "batch": list(batch.shape), "repeats": repeats, "rows": rows}
+    payload = {
+        "machine": machine(),
+        "command": "python bench/step_cost.py" + (" --tiny" if args.tiny else ""),
+        "batch": list(batch.shape),
+        "repeats": repeats,
+        "rows": rows,
+    }
     write_results("step_cost" + ("_tiny" if args.tiny else ""), payload)
     if args.tiny:
         return
-    table = markdown(["r", "method", "trainable params", "step s (median)", "step / LoRA", "tokens/s",
-                      "optimizer state MiB", "state / LoRA", "peak RSS growth in a step, MiB"],
-                     [[x["r"], x["method"], f"{x['trainable_params']:,}", x["step_seconds"], x["step_over_lora"],
-                       x["tokens_per_s"], x["optimizer_state_mib"], x["state_over_lora"],
-                       x["step_peak_rss_growth_mib"]] for x in rows])
-    update_section("step-cost", f"Command: `{payload['command']}` · batch {payload['batch']} · {repeats} interleaved "
-                                f"steps per method · machine: {payload['machine']}\n\n{table}")
+    table = markdown(
+        [
+            "r",
+            "method",
+            "trainable params",
+            "step s (median)",
+            "step / LoRA",
+            "tokens/s",
+            "optimizer state MiB",
+            "state / LoRA",
+            "peak RSS growth in a step, MiB",
+        ],
+        [
+            [
+                x["r"],
+                x["method"],
+                f"{x['trainable_params']:,}",
+                x["step_seconds"],
+                x["step_over_lora"],
+                x["tokens_per_s"],
+                x["optimizer_state_mib"],
+                x["state_over_lora"],
+                x["step_peak_rss_growth_mib"],
+            ]
+            for x in rows
+        ],
+    )
+    update_section(
+        "step-cost",
+        f"Command: `{payload['command']}` · batch {payload['batch']} · {repeats} interleaved "
+        f"steps per method · machine: {payload['machine']}\n\n{table}",
+    )
 
 
 if __name__ == "__main__":

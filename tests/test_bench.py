@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from cli_fixtures import arithmetic_rows, make_tiny_model, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,8 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_bench(script, tmp_path, *args):
     env = {**os.environ, "NLORA_BENCH_RESULTS": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--tiny", *args], capture_output=True,
-                          text=True, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--tiny", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((tmp_path / (script.removesuffix(".py") + "_tiny.json")).read_text())
 
@@ -44,7 +50,21 @@ def test_scaling_tiny(tmp_path):
 def test_convergence_tiny(tmp_path):
     model = make_tiny_model(tmp_path / "model")
     data = write_jsonl(tmp_path / "arith.jsonl", arithmetic_rows(40))
-    rows = run_bench("convergence.py", tmp_path, "--tasks", "math", "--seeds", "0,1", "--math-steps", "2",
-                     "--tiny-model", str(model), "--tiny-data", str(data), "--out", str(tmp_path / "runs"))["rows"]
+    rows = run_bench(
+        "convergence.py",
+        tmp_path,
+        "--tasks",
+        "math",
+        "--seeds",
+        "0,1",
+        "--math-steps",
+        "2",
+        "--tiny-model",
+        str(model),
+        "--tiny-data",
+        str(data),
+        "--out",
+        str(tmp_path / "runs"),
+    )["rows"]
     assert [r["method"] for r in rows] == ["lora", "pissa", "slora", "nlora-reference", "nlora", "inttune"]
     assert all(len(r["heldout_loss"]) == 2 for r in rows)

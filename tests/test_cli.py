@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +280,28 @@ def test_help_of_every_subcommand():
             [sys.executable, "-m", "nlora.cli", sub, "--help"], capture_output=True, text=True, env={**os.environ}
         )
         assert proc.returncode == 0 and "usage: nlora" in proc.stdout
+
+
+def test_example_configs_parse():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from nlora.cli.settings import TrainSettings, load_file
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    values = load_file(root / "demo.yaml")
+    assert TrainSettings(**values).comparable() == TrainSettings(output_dir="runs/demo").comparable()
+    for name in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"):
+        config = ClusterConfig.from_yaml_file(root / "accelerate" / name)
+        assert config.num_processes == 2 and config.distributed_type in ("DEEPSPEED", "FSDP")
+
+
+def test_toml_config_and_unknown_keys(tmp_path):
+    from nlora.cli.settings import load_file
+
+    good = tmp_path / "run.toml"
+    good.write_text('method = "inttune"\nr = 16\n')
+    assert load_file(good) == {"method": "inttune", "r": 16}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rank_of_adapter: 3\n")
+    with pytest.raises(ValueError, match=r"unknown settings \['rank_of_adapter'\]"):
+        load_file(bad)

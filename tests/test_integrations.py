@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from cli_fixtures import arithmetic_rows, make_tiny_model, write_jsonl
 from safetensors.torch import load_file
 
+from cli_fixtures import arithmetic_rows, make_tiny_model, write_jsonl
 from nlora import NLoraConfig
 
 
@@ -37,8 +37,16 @@ def test_authors_example_with_trl_sft_trainer(tiny_dir, tmp_path):
     trainer = SFTTrainer(
         model=base_model,
         train_dataset=dataset,
-        args=SFTConfig(output_dir=str(tmp_path / "trl"), max_length=64, max_steps=3, report_to=[], use_cpu=True,
-                       per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no"),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "trl"),
+            max_length=64,
+            max_steps=3,
+            report_to=[],
+            use_cpu=True,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            save_strategy="no",
+        ),
         processing_class=tokenizer,
         peft_config=peft_config,
     )
@@ -57,17 +65,67 @@ def _losses(path):
 def test_ddp_two_processes_match_one_process(tiny_dir, tmp_path):
     """2 CPU processes (gloo) with batch 2 each follow the loss trajectory of 1 process with batch 4."""
     data = write_jsonl(tmp_path / "arith.jsonl", arithmetic_rows(64))
-    common = ["--model", str(tiny_dir), "--data", str(data), "--max-steps", "5", "--rank", "4", "--max-length", "192",
-              "--learning-rate", "5e-3", "--save-steps", "0", "--eval-before", "false", "--max-eval-samples", "4",
-              "--method", "nlora"]
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(data),
+        "--max-steps",
+        "5",
+        "--rank",
+        "4",
+        "--max-length",
+        "192",
+        "--learning-rate",
+        "5e-3",
+        "--save-steps",
+        "0",
+        "--eval-before",
+        "false",
+        "--max-eval-samples",
+        "4",
+        "--method",
+        "nlora",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "nlora", "train", *common, "--per-device-train-batch-size", "4",
-                          "--output-dir", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nlora",
+            "train",
+            *common,
+            "--per-device-train-batch-size",
+            "4",
+            "--output-dir",
+            str(tmp_path / "one"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "nlora", "train", *common, "--per-device-train-batch-size", "2", "--output-dir", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "nlora",
+            "train",
+            *common,
+            "--per-device-train-batch-size",
+            "2",
+            "--output-dir",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")

@@ -15,8 +15,21 @@ pytestmark = pytest.mark.integration
 
 def test_offline_default_trains_and_held_out_loss_goes_down(tmp_path):
     out = tmp_path / "demo"
-    args = ["train", "--output-dir", str(out), "--max-steps", "3", "--max-eval-samples", "8", "--save-steps", "0",
-            "--per-device-train-batch-size", "2", "--max-length", "160"]
+    args = [
+        "train",
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "3",
+        "--max-eval-samples",
+        "8",
+        "--save-steps",
+        "0",
+        "--per-device-train-batch-size",
+        "2",
+        "--max-length",
+        "160",
+    ]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "smollm2-135m" and summary["data"] == "gsm8k" and summary["method"] == "nlora"

@@ -129,11 +129,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flags = ["--" + f.name.replace("_", "-")] + (["--rank"] if f.name == "r" else [])
         help_text = f.metadata.get("help", "")
         if kind is _parse_bool:
-            parser.add_argument(*flags, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None,
-                                help=help_text)
+            parser.add_argument(
+                *flags, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None, help=help_text
+            )
         else:
-            parser.add_argument(*flags, dest=f.name, type=kind, default=None,
-                                help=f"{help_text} (default: {default})".strip())
+            parser.add_argument(
+                *flags, dest=f.name, type=kind, default=None, help=f"{help_text} (default: {default})".strip()
+            )
 
 
 def from_args(args: argparse.Namespace) -> TrainSettings:

@@ -149,15 +149,14 @@ def build_trainer(settings: TrainSettings, model, tokenizer, train_rows, eval_ro
 
 def run_train(settings: TrainSettings) -> dict[str, Any]:
     """Fine-tune, evaluate before/after on the held-out set, save the adapter (and merged model); return a summary."""
+    import torch
+    from accelerate import PartialState
     from peft import get_peft_model
     from transformers import set_seed
 
     from .callbacks import GracefulInterrupt, MetricsLogger, peak_memory_mb
     from .data import train_and_eval_rows
     from .methods import peft_config
-
-    import torch
-    from accelerate import PartialState
 
     settings.validate()
     # sets up torch.distributed under torchrun / accelerate launch (gloo when there is no GPU)
