@@ -80,39 +80,24 @@ def curve(run_dir: Path, key: str) -> dict[int, float]:
 
 
 def run_task(task: str, base: TrainSettings, seeds: list[int], out: Path) -> list[dict]:
+    def run(method: str, lr: float, seed: int) -> tuple[float, Path]:
+        run_dir = out / task / f"{method}-lr{lr}-seed{seed}"
+        settings = dataclasses.replace(
+            base, method=method, learning_rate=lr, seed=seed, overwrite=True, output_dir=str(run_dir)
+        )
+        return run_train(settings)["after_loss"], run_dir
+
     results = []
     for method in METHODS:
-        grid = LR_GRID.get(method, LR_GRID["default"])
-        trials = []
-        for lr in grid:
-            settings = dataclasses.replace(
-                base,
-                method=method,
-                learning_rate=lr,
-                seed=seeds[0],
-                overwrite=True,
-                output_dir=str(out / task / f"{method}-lr{lr}-seed{seeds[0]}"),
-            )
-            trials.append((run_train(settings)["after_loss"], lr, settings.output_dir))
-        best_loss, best_lr, first_dir = min(trials)
-        run_dirs = [Path(first_dir)]
-        for seed in seeds[1:]:
-            settings = dataclasses.replace(
-                base,
-                method=method,
-                learning_rate=best_lr,
-                seed=seed,
-                overwrite=True,
-                output_dir=str(out / task / f"{method}-lr{best_lr}-seed{seed}"),
-            )
-            run_train(settings)
-            run_dirs.append(Path(settings.output_dir))
+        trials = {lr: run(method, lr, seeds[0]) for lr in LR_GRID.get(method, LR_GRID["default"])}
+        best_lr = min(trials, key=lambda lr: trials[lr][0])
+        run_dirs = [trials[best_lr][1]] + [run(method, best_lr, seed)[1] for seed in seeds[1:]]
         summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
         results.append(
             {
                 "task": task,
                 "method": method,
-                "lr_grid": {str(lr): loss for loss, lr, _ in trials},
+                "lr_grid": {str(lr): t[0] for lr, t in trials.items()},
                 "best_lr": best_lr,
                 "runs": [str(d) for d in run_dirs],
                 "summaries": summaries,

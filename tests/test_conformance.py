@@ -124,5 +124,5 @@ def test_save_load_roundtrip(model_name, mode, low_cpu_mem_usage, tmp_path):
         loaded = PeftModel.from_pretrained(base, tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
     assert not [w for w in caught if "missing" in str(w.message).lower()]
     assert not any(p.device.type == "meta" for p in loaded.parameters())
-    torch.testing.assert_close(output(loaded, x), out, atol=1e-6, rtol=0)
+    assert torch.equal(output(loaded, x), out)  # exactly: every init choice is re-derived deterministically
     assert loaded.get_nb_trainable_parameters()[0] == 0  # inference mode by default

@@ -144,11 +144,15 @@ def _subtract_residual(module: LoraLayer, adapter: str, factors: nystrom.Factors
     with gather_params_ctx(base.weight, modifier_rank=0), torch.no_grad():
         w = weight_matrix(base, fan_in_fan_out)
         residual = w.float()  # the weight itself when it is fp32: updated in place, no extra copy
-        norm = torch.linalg.matrix_norm(residual).item()
+        norm_sq = torch.linalg.matrix_norm(residual).item() ** 2
         device = residual.device
         residual.addmm_(factors.B.to(device), (factors.N @ factors.A).to(device), alpha=-scaling)
+        if factors.captured_energy is not None:  # projection: the error needs no second pass over W
+            error_sq = max(norm_sq - factors.captured_energy, 0.0)
+        else:
+            error_sq = torch.linalg.matrix_norm(residual).item() ** 2
         module.nlora_init_error = getattr(module, "nlora_init_error", {})
-        module.nlora_init_error[adapter] = torch.linalg.matrix_norm(residual).item() / max(norm, 1e-30)
+        module.nlora_init_error[adapter] = (error_sq / max(norm_sq, 1e-30)) ** 0.5
         if residual.data_ptr() != w.data_ptr():
             w.copy_(residual)
     module.nlora_initial = getattr(module, "nlora_initial", {})

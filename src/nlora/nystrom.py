@@ -25,6 +25,9 @@ class Factors:
     B: torch.Tensor
     rows: torch.Tensor | None = None
     cols: torch.Tensor | None = None
+    # ||s B N A||_F^2 when s B N A is an orthogonal projection of W (lstsq core, orthonormal factors): then
+    # ||W - s B N A||^2 = ||W||^2 - captured_energy, so the error needs no extra pass over W
+    captured_energy: float | None = None
 
 
 def select_landmarks(
@@ -44,9 +47,9 @@ def select_landmarks(
         cols = torch.randperm(n, generator=generator)[:k].sort().values
         return rows, cols
     if method == "norm":
-        w = weight.float()
-        rows = torch.topk(w.pow(2).sum(1), k).indices.sort().values
-        cols = torch.topk(w.pow(2).sum(0), k).indices.sort().values
+        w = weight.float()  # vector_norm reduces in place: no m x n temporary
+        rows = torch.topk(torch.linalg.vector_norm(w, dim=1), k).indices.sort().values
+        cols = torch.topk(torch.linalg.vector_norm(w, dim=0), k).indices.sort().values
         return rows, cols
     if method == "leverage":
         w = weight.float()
@@ -122,7 +125,10 @@ def nystrom_factors(
     if k > r:  # best rank-r part of the small core, kept in orthonormal form
         u, s, vh = torch.linalg.svd(N)
         B, N, A = B @ u[:, :r], torch.diag(s[:r]), vh[:r] @ A
-    return Factors(A=A.contiguous(), N=(N / scaling).contiguous(), B=B.contiguous(), rows=rows, cols=cols)
+    energy = N.pow(2).sum().item() if core == "lstsq" else None
+    return Factors(
+        A=A.contiguous(), N=(N / scaling).contiguous(), B=B.contiguous(), rows=rows, cols=cols, captured_energy=energy
+    )
 
 
 def reference_factors(weight: torch.Tensor, r: int) -> Factors:

@@ -104,9 +104,11 @@ def sft_prompt(settings: TrainSettings, row: dict[str, Any]) -> str:
 
 def tokenize_sft(rows: list[dict], tokenizer, settings: TrainSettings) -> list[dict[str, list[int]]]:
     """Prompt + response token ids with the loss masked (-100) on the prompt, truncated to max_length."""
+    from tqdm.auto import tqdm
+
     suffix = settings.response_suffix or (tokenizer.eos_token or "")
     examples = []
-    for row in rows:
+    for row in tqdm(rows, desc="tokenising", unit="row", leave=False):
         prompt_ids = tokenizer(sft_prompt(settings, row), add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(" " + str(row[settings.response_field]) + suffix, add_special_tokens=False)[
             "input_ids"
@@ -123,8 +125,10 @@ def tokenize_sft(rows: list[dict], tokenizer, settings: TrainSettings) -> list[d
 
 def tokenize_classification(rows: list[dict], tokenizer, settings: TrainSettings) -> list[dict[str, Any]]:
     """Text (and optional pair) token ids with integer labels (float labels for regression)."""
+    from tqdm.auto import tqdm
+
     examples = []
-    for row in rows:
+    for row in tqdm(rows, desc="tokenising", unit="row", leave=False):
         pair = row[settings.text_pair_field] if settings.text_pair_field else None
         encoded = tokenizer(str(row[settings.text_field]), pair, truncation=True, max_length=settings.max_length)
         label = float(row[settings.label_field]) if settings.num_labels == 1 else int(row[settings.label_field])

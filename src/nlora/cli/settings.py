@@ -71,6 +71,7 @@ class TrainSettings:
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint"})
     merge: bool = field(default=False, metadata={"help": "also save the merged model"})
     eval_before: bool = field(default=True, metadata={"help": "measure held-out loss/metric before training"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with a hub model"})
 
     # fields that may differ between a run and its resumption
     RESUMABLE_CHANGES = ("resume", "overwrite", "output_dir", "merge", "eval_before", "logging_steps")

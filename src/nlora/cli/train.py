@@ -77,7 +77,7 @@ def load_model_and_tokenizer(settings: TrainSettings):
 
     path = resolve_model(settings.model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
     except OSError as err:
         raise RunError(
             f"Model '{settings.model}' could not be loaded ({err}); give a local folder or an offline name."
@@ -85,10 +85,12 @@ def load_model_and_tokenizer(settings: TrainSettings):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if settings.task == "sft":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=settings.trust_remote_code
+        )
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=settings.num_labels, dtype=torch.float32
+            path, num_labels=settings.num_labels, dtype=torch.float32, trust_remote_code=settings.trust_remote_code
         )
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
