@@ -89,7 +89,7 @@ def main() -> None:
         from step_cost import load_base, make_step
 
         base, batch = load_base(False)
-        step_ranks, step_times = [8, 32, 128, 256], []
+        step_ranks, step_times = [8, 16, 32, 64, 128], []  # k_proj is 192 x 576: r <= 192
         for r in step_ranks:
             model = get_peft_model(
                 base,
