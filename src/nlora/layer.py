@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import nystrom
-from ._compat import LoraEmbedding, LoraLayer, freeze_peft_weight, gather_params_ctx, transpose
+from ._compat import LoraEmbedding, LoraLayer, freeze_peft_weight, gather_params_ctx
 from .config import NLoraConfig
 from .variants import SLoraEmbeddingVariant, SLoraLinearVariant, embedding_mixed_batch_forward
 
@@ -26,11 +26,15 @@ def factor_names(module: LoraLayer) -> tuple[str, str]:
     return "lora_A", "lora_B"
 
 
-def weight_matrix(base_layer: nn.Module, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """The base weight as an ``out x in`` view (Conv1D and embeddings store it transposed)."""
-    if isinstance(base_layer, nn.Embedding):
-        return base_layer.weight.T  # delta^T = B N A with A r x vocab, B dim x r
-    return transpose(base_layer.weight, fan_in_fan_out)
+def weight_matrix(base_layer: nn.Module) -> torch.Tensor:
+    """The base weight as the ``out x in`` view the factors live in.
+
+    transformers' Conv1D stores ``in x out`` (PEFT's fan_in_fan_out); embeddings are adapted transposed
+    (``delta^T = B N A`` with A r x vocab and B dim x r, PEFT's layout).
+    """
+    if isinstance(base_layer, nn.Embedding) or type(base_layer).__name__ == "Conv1D":
+        return base_layer.weight.T
+    return base_layer.weight
 
 
 def layer_seed(init_seed: int, module_key: str) -> int:
@@ -71,7 +75,7 @@ def _initial_factors(module: LoraLayer, adapter: str, config: NLoraConfig, key: 
     if init in ("nlora", "nlora_reference"):
         base = module.get_base_layer()
         with gather_params_ctx(base.weight):  # ZeRO-3: gather the full weight (init is deterministic on every rank)
-            w = weight_matrix(base, getattr(module, "fan_in_fan_out", False))
+            w = weight_matrix(base)
             if init == "nlora_reference":
                 factors = nystrom.reference_factors(w, r)
             else:
@@ -139,10 +143,9 @@ def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str)
 def _subtract_residual(module: LoraLayer, adapter: str, factors: nystrom.Factors) -> None:
     """``W <- W - s B0 N0 A0`` in fp32 and keep (A0, N0, B0) so the change can be undone or exported."""
     base = module.get_base_layer()
-    fan_in_fan_out = getattr(module, "fan_in_fan_out", False)
     scaling = module.scaling[adapter]
     with gather_params_ctx(base.weight, modifier_rank=0), torch.no_grad():
-        w = weight_matrix(base, fan_in_fan_out)
+        w = weight_matrix(base)
         residual = w.float()  # the weight itself when it is fp32: updated in place, no extra copy
         norm_sq = torch.linalg.matrix_norm(residual).item() ** 2
         device = residual.device
@@ -167,7 +170,7 @@ def restore_residual(module: LoraLayer, adapter: str) -> None:
     factors, scaling = initial
     base = module.get_base_layer()
     with gather_params_ctx(base.weight, modifier_rank=0), torch.no_grad():
-        w = weight_matrix(base, getattr(module, "fan_in_fan_out", False))
+        w = weight_matrix(base)
         w32 = w.float()
         w32.addmm_(factors.B.to(w32.device), (factors.N @ factors.A).to(w32.device), alpha=scaling)
         if w32.data_ptr() != w.data_ptr():

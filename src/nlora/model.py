@@ -44,10 +44,7 @@ def check_target(key: str, base_layer: nn.Module, config: NLoraConfig, r: int) -
             f"NLoRA cannot compute a Nyström init for module '{key}': its weight is on the meta device; load the "
             "base model weights first (low_cpu_mem_usage only puts the adapter on meta, not the base model)."
         )
-    # out x in view: Conv1D stores in x out (PEFT forces fan_in_fan_out for it), embeddings are adapted transposed
-    w = base_layer.weight if type(base_layer).__name__ != "Conv1D" else base_layer.weight.T
-    if isinstance(base_layer, nn.Embedding):
-        w = weight_matrix(base_layer)
+    w = weight_matrix(base_layer)
     out_features, in_features = w.shape
     if not 0 < r <= min(out_features, in_features):
         raise ValueError(
@@ -70,11 +67,7 @@ def check_checkpoint_index(index: dict[str, tuple], targets: dict[str, tuple[nn.
     """Refuse a checkpoint (``{key: (shape, finite)}``) that does not fit the targeted modules, before injection."""
     expected = {}
     for key, (base, r) in targets.items():
-        out_f, in_f = (
-            weight_matrix(base).shape
-            if isinstance(base, nn.Embedding)
-            else (base.weight.shape if type(base).__name__ != "Conv1D" else base.weight.T.shape)
-        )
+        out_f, in_f = weight_matrix(base).shape
         names = ("lora_embedding_A", "lora_embedding_B") if isinstance(base, nn.Embedding) else ("lora_A", "lora_B")
         suffix = "" if isinstance(base, nn.Embedding) else ".weight"
         expected[f"{key}.{names[0]}{suffix}"] = (r, in_f)

@@ -26,7 +26,7 @@ def init_report(model: nn.Module, adapter_name: str = "default", compute_missing
             name_A, name_B = factor_names(module)
             A, N, B = (adapter_param(module, c, adapter_name) for c in (name_A, "lora_N", name_B))
             factors = nystrom.Factors(A=A, N=N, B=B)
-            w = weight_matrix(module.get_base_layer(), getattr(module, "fan_in_fan_out", False))
+            w = weight_matrix(module.get_base_layer())
             error = nystrom.relative_error(w, factors, module.scaling[adapter_name])
         report[name] = {"rank": module.r[adapter_name], "residual": residual, "approx_error": error}
     return report
