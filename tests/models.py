@@ -32,10 +32,11 @@ def gpt2():
     return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
 
 
-def llama():
+def llama(tie_word_embeddings: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
+        tie_word_embeddings=tie_word_embeddings,
         vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
@@ -47,6 +48,13 @@ def llama():
     return LlamaForCausalLM(config)
 
 
+def tied_llama():
+    """lm_head shares embed_tokens' weight, as in SmolLM2, Llama-3.2-1B/3B, Qwen2.5-0.5B and Gemma."""
+    model = llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # name -> (factory, targets, extra config, input factory)
@@ -55,6 +63,12 @@ MODELS = {
     "gpt2": (gpt2, ["c_attn", "c_fc"], {"fan_in_fan_out": True}, lambda g: torch.randint(0, 64, (2, 8), generator=g)),
     "embedding": (EmbeddingModel, ["emb", "lin"], {}, lambda g: torch.randint(0, 50, (4, 6), generator=g)),
     "llama": (llama, LLAMA_TARGETS, {}, lambda g: torch.randint(0, 64, (2, 8), generator=g)),
+    "tied_llama": (
+        tied_llama,
+        ["q_proj", "v_proj", "embed_tokens", "lm_head"],
+        {},
+        lambda g: torch.randint(0, 64, (2, 8), generator=g),
+    ),
 }
 
 

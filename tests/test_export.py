@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from conftest import make_config, train
 from models import build, output
 from nlora import convert_reference_checkpoint, export_lora
+from nlora.serving import VLLM_LORA_RANKS, vllm_problems, vllm_rank
 
 STOCK_PEFT = """
 import sys, torch
@@ -28,7 +30,7 @@ assert "nlora" not in sys.modules, "the stock-PEFT check imported nlora"
 EXPORT_MODES = ["slora", "nlora", "nlora_reference", "inttune"]
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "gpt2", "embedding", "llama"])
+@pytest.mark.parametrize("model_name", ["mlp", "gpt2", "embedding", "llama", "tied_llama"])
 def test_export_loads_in_stock_peft_with_the_same_outputs(model_name, tmp_path):
     expected = {}
     for mode in EXPORT_MODES:  # one stock-PEFT process per model checks every mode (imports are slow)
@@ -38,9 +40,19 @@ def test_export_loads_in_stock_peft_with_the_same_outputs(model_name, tmp_path):
         train(model, x)
         model.eval()
         expected[mode] = output(model, x).detach()
-        export_lora(model, tmp_path / mode)
-        assert json.loads((tmp_path / mode / "adapter_config.json").read_text())["peft_type"] == "LORA"
-        assert not any(".lora_N" in k for k in load_file(tmp_path / mode / "adapter_model.safetensors"))
+        servable = model_name in ("mlp", "gpt2", "llama")  # the others adapt embeddings / lm_head
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_lora(model, tmp_path / mode)
+        vllm_warnings = [str(w.message) for w in caught if "vLLM will not serve it" in str(w.message)]
+        assert vllm_problems(tmp_path / mode) == [] if servable else vllm_warnings, vllm_problems(tmp_path / mode)
+        assert not vllm_warnings if servable else "embedding or output layer" in vllm_warnings[0]
+        exported = json.loads((tmp_path / mode / "adapter_config.json").read_text())
+        assert exported["peft_type"] == "LORA" and exported["r"] == exported["lora_alpha"] == 8  # 2r, vLLM's set
+        assert not exported["rank_pattern"] and not exported["alpha_pattern"] and exported["bias"] == "none"
+        weights = load_file(tmp_path / mode / "adapter_model.safetensors")
+        assert not any(".lora_N" in k for k in weights)
+        assert all(".lora_" in k for k in weights), "an export never holds base weights"
     proc = subprocess.run([sys.executable, "-c", STOCK_PEFT, model_name, str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for mode in EXPORT_MODES:
@@ -48,7 +60,7 @@ def test_export_loads_in_stock_peft_with_the_same_outputs(model_name, tmp_path):
         torch.testing.assert_close(stock, expected[mode], atol=1e-4, rtol=1e-4, msg=mode)
 
 
-MODEL_FIRST_TARGET = {"mlp": "lin0", "gpt2": "c_fc", "embedding": "emb", "llama": "q_proj"}
+MODEL_FIRST_TARGET = {"mlp": "lin0", "gpt2": "c_fc", "embedding": "emb", "llama": "q_proj", "tied_llama": "q_proj"}
 
 
 def test_export_of_a_merged_adapter_is_refused(tmp_path):
@@ -99,3 +111,25 @@ def test_converting_something_else_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint of the authors' NLoRA fork"):
         convert_reference_checkpoint(tmp_path / "plain", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_vllm_check_mirrors_vllms_rules(tmp_path):
+    base, x = build("llama")
+    model = get_peft_model(
+        base, make_config("llama", "slora", r=12, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
+    with pytest.warns(UserWarning, match=r"vLLM will not serve it: modules_to_save=\['lm_head'\]"):
+        export_lora(model, tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 16  # rank 12 zero-padded to vLLM's next rank
+    assert vllm_problems(tmp_path / "lora", max_lora_rank=8) == [
+        "r=16 is greater than max_lora_rank=8",
+        "modules_to_save=['lm_head']: vLLM only supports modules_to_save being None",
+    ]
+    config.update(r=12, rank_pattern={"q_proj": 4}, bias="all", modules_to_save=None)
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(config))
+    problems = vllm_problems(tmp_path / "lora")
+    assert problems[0] == f"r=12 is not one of vLLM's ranks {VLLM_LORA_RANKS}"
+    assert any("rank_pattern" in p for p in problems) and any("bias" in p for p in problems)
+    assert any("has rank 16, not the config's r=12" in p for p in problems)
+    assert [vllm_rank(r) for r in (1, 8, 9, 300, 512, 513)] == [8, 8, 16, 320, 512, None]

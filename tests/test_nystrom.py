@@ -86,10 +86,17 @@ def test_slora_factors_start_at_zero_delta():
     assert f.A.abs().sum() > 0 and f.N.abs().sum() > 0 and torch.count_nonzero(f.B) == 0
 
 
-def test_fingerprint_tolerates_rounding_but_not_changes():
-    t = torch.randn(16, 32)
-    fp = nystrom.fingerprint(t)
-    assert nystrom.fingerprints_match(fp, nystrom.fingerprint(t + 1e-7 * torch.randn_like(t)))
-    assert not nystrom.fingerprints_match(fp, nystrom.fingerprint(t.flip(0)))
-    assert not nystrom.fingerprints_match(fp, nystrom.fingerprint(-t))
-    assert not nystrom.fingerprints_match(fp, nystrom.fingerprint(t * 1.01))
+def test_init_fingerprint_follows_the_dtype_and_catches_a_scaled_or_other_weight():
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(24, 24, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(40, 24, generator=g))
+    w = u @ torch.diag(0.7 ** torch.arange(24.0)) @ v.T  # a decaying spectrum, like trained weights
+
+    def fp(weight):
+        return nystrom.init_fingerprint(weight, nystrom.nystrom_factors(weight.float(), 4))
+
+    reference = fp(w)
+    for same in (w + 1e-7 * torch.randn_like(w), w.bfloat16()):  # a bf16 copy of the same base
+        assert nystrom.same_base(reference, fp(same)) and nystrom.same_factors(reference, fp(same))
+    for other in (w * 1.5, w.flip(0), torch.randn_like(w)):  # orthonormal A, B are scale-free: W's norm is not
+        assert not nystrom.same_base(reference, fp(other))

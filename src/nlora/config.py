@@ -49,10 +49,6 @@ _UNSUPPORTED_LORA_FEATURES = (
 )
 
 
-def _finite(tensor: torch.Tensor) -> bool:
-    return bool(not tensor.is_floating_point() or torch.isfinite(tensor).all())
-
-
 @dataclass
 class NLoraConfig(LoraConfig):
     """Configuration of an SLoRA / NLoRA / IntTune adapter: ``delta_W = s * B @ N @ A`` with a trainable r x r N.
@@ -110,10 +106,6 @@ class NLoraConfig(LoraConfig):
         metadata={"help": "IntTune: False saves only N; A and B are re-derived from the base weight and verified."},
     )
     init_seed: int = field(default=0, metadata={"help": "Seed of every random choice of the init (forked RNG)."})
-    factor_checksums: dict = field(
-        default_factory=dict,
-        metadata={"help": "Written on save when save_frozen_factors=False: fingerprints of the frozen A and B."},
-    )
 
     def __post_init__(self) -> None:
         self.init_lora_weights = INIT_ALIASES.get(self.init_lora_weights, self.init_lora_weights)
@@ -161,6 +153,12 @@ class NLoraConfig(LoraConfig):
     def uses_residual(self) -> bool:
         """Whether this adapter subtracts its initial delta from the base weight."""
         return self.init_lora_weights == "nlora" and self.residual and self.intermediate_init == "nystrom"
+
+    @property
+    def rederives_init(self) -> bool:
+        """Whether reloading this adapter re-derives part of it from the base weight (a residual, or the frozen
+        factors of an N-only checkpoint); such checkpoints record the init's fingerprints and are verified."""
+        return self.uses_residual or not self.save_frozen_factors
 
     def oversampled_rank(self, r: int, max_rank: int) -> int:
         """Number of landmarks 'nlora' takes for rank r (never more than the matrix allows)."""

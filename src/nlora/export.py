@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-import re
-from collections import Counter
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 from ._compat import LoraLayer
 from .config import INIT_ALIASES, NLoraConfig
 from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory, read_adapter
-from .layer import adapter_param, factor_names
+from .layer import FINGERPRINT_SUFFIX, adapter_param, factor_names
 
 _BASE_PREFIX = "base_model.model."
 
@@ -40,52 +39,67 @@ def lora_factors(module: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.T
 def export_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write ``adapter_name`` of an NLoRA ``PeftModel`` as a vanilla PEFT LoRA adapter (``peft_type`` "LORA").
 
-    Stock PEFT (without nlora) loads it onto the original base model and reproduces the outputs: N and the
-    scaling are folded into B (lora_alpha = r, so PEFT's scaling is 1), and a residual adapter becomes rank 2r.
-    Merged adapters must be unmerged first.
+    Stock PEFT (without nlora) loads it onto the *original* base model (the one before any residual was subtracted)
+    and reproduces the outputs: N and the scaling are folded into B, a residual adapter becomes rank 2r, and the
+    export never contains base weights. For vLLM every module gets one rank from vLLM's set (zero-padded, exact),
+    ``lora_alpha = r`` and no rank/alpha patterns; an adapter vLLM still cannot serve (``modules_to_save``,
+    embeddings, ``lm_head``) is exported for PEFT with a warning that says why. Merged adapters must be unmerged.
     """
     from peft.utils import get_peft_model_state_dict
+
+    from .serving import vllm_problems, vllm_rank
 
     config = model.peft_config[adapter_name]
     if not isinstance(config, NLoraConfig):
         raise TypeError(f"Adapter '{adapter_name}' is not an NLoRA adapter; save it with save_pretrained instead.")
-    tensors, ranks = {}, {}
+    factors = {}
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in getattr(module, "lora_N", {}):
             continue
         if adapter_name in module.merged_adapters:
             raise ValueError(f"Adapter '{adapter_name}' is merged into '{name}'; call unmerge_adapter() before export.")
-        A_new, B_new = lora_factors(module, adapter_name)
+        factors[name] = (module, *lora_factors(module, adapter_name))
+    if not factors:
+        raise ValueError(f"Model has no NLoRA layers for adapter '{adapter_name}'; nothing to export.")
+
+    largest = max(A.shape[0] for _, A, _ in factors.values())
+    r = vllm_rank(largest) or largest  # zero rows of A / columns of B change nothing
+    tensors = {}
+    for name, (module, A, B) in factors.items():
+        pad = r - A.shape[0]
+        A, B = torch.cat([A, A.new_zeros(pad, A.shape[1])]), torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
         name_A, name_B = factor_names(module)
         suffix = "" if name_A.startswith("lora_embedding") else ".weight"
-        tensors[f"{name}.{name_A}{suffix}"] = A_new.contiguous()
-        tensors[f"{name}.{name_B}{suffix}"] = B_new.contiguous()
-        ranks[name.removeprefix(_BASE_PREFIX)] = A_new.shape[0]
-    if not ranks:
-        raise ValueError(f"Model has no NLoRA layers for adapter '{adapter_name}'; nothing to export.")
-    # modules_to_save and other non-LoRA trainables are stored the same way by PEFT: copy them over
-    for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items():
-        if ".lora_" not in key:
+        tensors[f"{name}.{name_A}{suffix}"] = A.contiguous()
+        tensors[f"{name}.{name_B}{suffix}"] = B.contiguous()
+    # modules_to_save are stored the same way by PEFT: copy them over. save_embedding_layers=False: PEFT would
+    # otherwise copy the (residual) embedding base weight, which the factors already correct for.
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    for key, value in state.items():
+        if ".lora_" not in key and not key.endswith(FINGERPRINT_SUFFIX):
             tensors[key] = value.detach().contiguous()
 
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
     lora_config = LoraConfig(
         r=r,
         lora_alpha=r,
-        rank_pattern=pattern,
-        alpha_pattern=dict(pattern),
-        target_modules=sorted(ranks),
+        target_modules=sorted(name.removeprefix(_BASE_PREFIX) for name in factors),
         modules_to_save=config.modules_to_save,
         fan_in_fan_out=config.fan_in_fan_out,
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path,
         lora_dropout=config.lora_dropout,
+        bias="none",
         init_lora_weights=True,
     )
     with atomic_directory(out_dir) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         lora_config.save_pretrained(str(tmp))
+        problems = vllm_problems(tmp)
+    if problems:
+        warnings.warn(
+            f"The LoRA export in {out_dir} loads in PEFT but vLLM will not serve it: {'; '.join(problems)}.",
+            stacklevel=2,
+        )
     return Path(out_dir)
 
 

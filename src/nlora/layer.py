@@ -18,6 +18,10 @@ from ._compat import LoraEmbedding, LoraLayer, freeze_peft_weight, gather_params
 from .config import NLoraConfig
 from .variants import SLoraEmbeddingVariant, SLoraLinearVariant, embedding_mixed_batch_forward
 
+# Saved next to an adapter's tensors (``<module>.nystrom_fingerprint``) when reloading it re-derives its init from
+# the base weight (residual or N-only): the load compares it with the init re-derived from the new base.
+FINGERPRINT_SUFFIX = "nystrom_fingerprint"
+
 
 def factor_names(module: LoraLayer) -> tuple[str, str]:
     """Names of the A and B containers on this layer type."""
@@ -90,8 +94,10 @@ def _initial_factors(module: LoraLayer, adapter: str, config: NLoraConfig, key: 
                     scaling=scaling,
                     generator=generator,
                 )
-                if config.intermediate_init == "zero":
-                    factors.N = torch.zeros_like(factors.N)
+            module.nlora_fingerprint = getattr(module, "nlora_fingerprint", {})
+            module.nlora_fingerprint[adapter] = nystrom.init_fingerprint(w, factors)
+            if config.intermediate_init == "zero":
+                factors.N = torch.zeros_like(factors.N)
         return factors
     if init == "slora" and not is_embedding:
         return nystrom.slora_factors(out_features, in_features, r, generator)
@@ -107,8 +113,12 @@ def _initial_factors(module: LoraLayer, adapter: str, config: NLoraConfig, key: 
     return nystrom.Factors(A=A, N=N, B=B)
 
 
-def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str) -> None:
-    """Add ``lora_N`` for ``adapter`` to a freshly updated PEFT LoRA layer and initialise A, N, B (and W)."""
+def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str, untie: bool = False) -> None:
+    """Add ``lora_N`` for ``adapter`` to a freshly updated PEFT LoRA layer and initialise A, N, B (and W).
+
+    ``untie``: the base weight is shared with another module (tied embeddings); a residual then goes into a private
+    copy so that the other module keeps the original weight.
+    """
     name_A, name_B = factor_names(module)
     A_param = adapter_param(module, name_A, adapter)
     r = module.r[adapter]
@@ -131,6 +141,8 @@ def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str)
     _assign(module, name_B, adapter, factors.B, materialize)
     _assign(module, "lora_N", adapter, factors.N, materialize=False)
 
+    if untie:
+        _untie(module, adapter)
     if config.uses_residual:
         _subtract_residual(module, adapter, factors)
     if config.train_intermediate_only:
@@ -138,6 +150,16 @@ def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str)
         freeze_peft_weight(module, adapter, name_B)
         for container in (name_A, name_B):
             adapter_param(module, container, adapter).requires_grad_(False)
+
+
+def _untie(module: LoraLayer, adapter: str) -> None:
+    """Give this layer a private copy of its shared base weight; keep the shared one to put back on unload."""
+    base = module.get_base_layer()
+    original = base.weight
+    # bypass register_parameter, which init_empty_weights (low_cpu_mem_usage) patches to create meta tensors
+    base._parameters["weight"] = nn.Parameter(original.detach().clone(), requires_grad=original.requires_grad)
+    module.nlora_untied = getattr(module, "nlora_untied", {})
+    module.nlora_untied[adapter] = original
 
 
 def _subtract_residual(module: LoraLayer, adapter: str, factors: nystrom.Factors) -> None:
@@ -162,13 +184,17 @@ def _subtract_residual(module: LoraLayer, adapter: str, factors: nystrom.Factors
     module.nlora_initial[adapter] = (factors, scaling)
 
 
-def restore_residual(module: LoraLayer, adapter: str) -> None:
-    """Undo ``_subtract_residual`` for ``adapter`` (no-op for adapters without a residual)."""
+def restore_base(module: LoraLayer, adapter: str) -> None:
+    """Undo what ``init_adapter`` did to the base weight for ``adapter``: the residual, and any untying."""
     initial = getattr(module, "nlora_initial", {}).pop(adapter, None)
+    base = module.get_base_layer()
+    original = getattr(module, "nlora_untied", {}).pop(adapter, None)
+    if original is not None:  # the shared weight was never modified: put it back and the model is tied again
+        base._parameters["weight"] = original
+        return
     if initial is None:
         return
     factors, scaling = initial
-    base = module.get_base_layer()
     with gather_params_ctx(base.weight, modifier_rank=0), torch.no_grad():
         w = weight_matrix(base)
         w32 = w.float()

@@ -10,8 +10,9 @@ from torch import nn
 from . import nystrom
 from ._compat import BaseTunerLayer, ExcludedModule, LoraLayer, LoraModel, include_all_linear_layers
 from .config import NLoraConfig
-from .layer import factor_names, init_adapter, restore_residual, weight_matrix
+from .layer import FINGERPRINT_SUFFIX, factor_names, init_adapter, restore_base, weight_matrix
 
+_BASE_PREFIX = "base_model.model."
 _QUANTIZED_MODULE_HINTS = ("bitsandbytes", "hqq", "auto_gptq", "gptqmodel", "awq", "torchao", "eetq", "aqlm", "optimum")
 
 
@@ -98,6 +99,14 @@ def check_checkpoint_index(index: dict[str, tuple], targets: dict[str, tuple[nn.
         )
 
 
+def shared_weights(model: nn.Module) -> set[int]:
+    """ids of the parameters that more than one module holds (tied input and output embeddings)."""
+    seen, shared = set(), set()
+    for _, param in model.named_parameters(remove_duplicate=False):
+        (shared if id(param) in seen else seen).add(id(param))
+    return shared
+
+
 class NLoraModel(LoraModel):
     """The tuner behind ``get_peft_model(model, NLoraConfig(...))``; see :class:`nlora.NLoraConfig`."""
 
@@ -114,6 +123,7 @@ class NLoraModel(LoraModel):
             index = config.__dict__.pop("_checkpoint_index", None)
             if index is not None:
                 check_checkpoint_index(index, targets, config)
+        self._shared_weights = shared_weights(model)
         super().inject_adapter(model, adapter_name, **kwargs)
 
     def _check_all_targets(self, model: nn.Module, config: NLoraConfig) -> dict[str, tuple[nn.Module, int]]:
@@ -142,7 +152,9 @@ class NLoraModel(LoraModel):
         peft_view.init_lora_weights = False
         super()._create_and_replace(peft_view, adapter_name, target, target_name, parent, current_key, **kwargs)
         module = target if isinstance(target, LoraLayer) else getattr(parent, target_name)
-        init_adapter(module, adapter_name, lora_config, current_key)
+        base = module.get_base_layer()
+        untie = id(getattr(base, "weight", None)) in getattr(self, "_shared_weights", set())
+        init_adapter(module, adapter_name, lora_config, current_key, untie=untie)
 
     def _check_new_adapter_config(self, config: NLoraConfig) -> None:
         super()._check_new_adapter_config(config)
@@ -160,16 +172,27 @@ class NLoraModel(LoraModel):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         for layer in self._tuner_layers():
-            restore_residual(layer, adapter_name)
+            restore_base(layer, adapter_name)
 
     def unload(self) -> nn.Module:
         """Remove all adapters and give back the base model with its original weights (residuals added back)."""
         for layer in self._tuner_layers():
             if layer.merged:
                 layer.unmerge()
-            for adapter in list(getattr(layer, "nlora_initial", {})):
-                restore_residual(layer, adapter)
+            for adapter in {*getattr(layer, "nlora_initial", {}), *getattr(layer, "nlora_untied", {})}:
+                restore_base(layer, adapter)
         return super().unload()
+
+    def merge_and_unload(self, *args, **kwargs) -> nn.Module:
+        """PEFT's merge; a tied layer that got its own weight copy stays untied, and the config says so."""
+        untied = any(getattr(layer, "nlora_untied", None) for layer in self._tuner_layers())
+        model = super().merge_and_unload(*args, **kwargs)
+        if untied:  # else save_pretrained / from_pretrained would tie the merged weights back together
+            config = getattr(model, "config", None)
+            for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())}.values():
+                if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+                    cfg.tie_word_embeddings = False
+        return model
 
     def add_weighted_adapter(self, *args, **kwargs):
         raise NotImplementedError(
@@ -187,27 +210,62 @@ class NLoraModel(LoraModel):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        if getattr(config, "save_frozen_factors", True):
-            return to_return
-        # IntTune N-only checkpoint: drop the frozen A and B, keep fingerprints to verify them at load.
-        checksums = {}
-        for key in list(to_return):
-            if any(f".{name}." in key for name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")):
-                checksums[cls._remove_adapter_name_from_key(key, adapter_name)] = nystrom.fingerprint(to_return[key])
-                del to_return[key]
-        config.factor_checksums = checksums
+        empty = next((k for k, v in to_return.items() if v.numel() == 0), None)
+        if empty is not None:  # DeepSpeed ZeRO-3 partitions: the local shard of a parameter is a (0,) tensor
+            raise ValueError(
+                f"Cannot save adapter '{adapter_name}': '{empty}' is an empty shard of a DeepSpeed ZeRO-3 partitioned "
+                "parameter; pass the consolidated state dict, e.g. save_pretrained(dir, "
+                "state_dict=engine._zero3_consolidated_16bit_state_dict()) or accelerator.get_state_dict(model)."
+            )
+        if not getattr(config, "save_frozen_factors", True):  # IntTune N-only: A and B are re-derived at load
+            frozen = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+            to_return = {k: v for k, v in to_return.items() if not any(f".{n}." in k for n in frozen)}
+        if getattr(config, "rederives_init", False):
+            for name, module in model.named_modules():
+                recorded = getattr(module, "nlora_fingerprint", {}).get(adapter_name)
+                if recorded is not None:
+                    to_return[f"{name}.{FINGERPRINT_SUFFIX}"] = torch.tensor(recorded, dtype=torch.float64)
         return to_return
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        checksums = dict(getattr(config, "factor_checksums", {}) or {})
+        # the checkpoint's own fingerprints (not the live config's: load_adapter into an existing slot keeps that)
+        recorded = {
+            k.removesuffix(f".{FINGERPRINT_SUFFIX}").removeprefix(_BASE_PREFIX): v.tolist()
+            for k, v in state_dict.items()
+            if k.endswith(f".{FINGERPRINT_SUFFIX}")
+        }
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith(f".{FINGERPRINT_SUFFIX}")}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         try:
-            remapped = _validate_and_complete(model, config, adapter_name, remapped, checksums)
+            _check_fingerprints(model, adapter_name, recorded, factors_needed=not config.save_frozen_factors)
+            remapped = _validate_and_complete(model, adapter_name, remapped, bool(recorded))
         except ValueError:
             _rollback(model, adapter_name)
             raise
         return remapped
+
+
+def _check_fingerprints(model: nn.Module, adapter_name: str, recorded: dict, factors_needed: bool) -> None:
+    """Refuse a base model other than the one the checkpoint was trained from, and an N-only checkpoint whose
+    frozen factors this base does not reproduce."""
+    for name, module in model.named_modules():
+        live = getattr(module, "nlora_fingerprint", {}).get(adapter_name)
+        saved = recorded.get(name.removeprefix(_BASE_PREFIX))
+        if live is None or saved is None:
+            continue
+        key = name.removeprefix(_BASE_PREFIX)
+        if not nystrom.same_base(saved, live):
+            raise ValueError(
+                f"The NLoRA adapter was trained on another base model: the weight of '{key}' does not match the "
+                "fingerprint recorded in the checkpoint; load it on the base model it was trained with."
+            )
+        if factors_needed and not nystrom.same_factors(saved, live):
+            raise ValueError(
+                f"The N-only checkpoint's frozen factors for '{key}' do not come out the same from this copy of the "
+                "base weight (a lower-precision dtype rotates them); load the base in the dtype it was trained in, "
+                "or save with save_frozen_factors=True."
+            )
 
 
 def _adapter_params(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -226,7 +284,7 @@ def _adapter_params(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
     return params
 
 
-def _validate_and_complete(model, config, adapter_name, remapped, checksums) -> dict[str, torch.Tensor]:
+def _validate_and_complete(model, adapter_name, remapped, verified: bool) -> dict[str, torch.Tensor]:
     """Refuse a checkpoint that does not fit the model before anything is loaded; fill in re-derived factors."""
     expected = _adapter_params(model, adapter_name)
     prefix = "base_model.model."
@@ -252,19 +310,12 @@ def _validate_and_complete(model, config, adapter_name, remapped, checksums) -> 
     frozen_only = all(
         any(f".{n}." in k for n in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")) for k in missing
     )
-    if missing and not (checksums and frozen_only):
+    if missing and not (verified and frozen_only):
         raise ValueError(
             f"The NLoRA checkpoint is incomplete: {len(missing)} adapter tensors are missing (e.g. '{missing[0]}'); "
             "it was saved from a different model or the file is damaged."
         )
-    for key in missing:  # N-only IntTune checkpoint: A and B were re-derived from the base weight at injection
-        checksum_key = key.replace(f".{adapter_name}.", ".").replace(f".{adapter_name}", "")
-        recorded = checksums.get(checksum_key) or checksums.get(prefix + checksum_key)
-        if recorded is None or not nystrom.fingerprints_match(recorded, nystrom.fingerprint(expected[key])):
-            raise ValueError(
-                f"The frozen factor '{checksum_key}' re-derived from this base model does not match the one recorded "
-                "in the N-only checkpoint; load it on the exact base model and NLoRA settings it was trained with."
-            )
+    for key in missing:  # N-only IntTune checkpoint: A and B were re-derived from the (verified) base weight
         remapped[key] = expected[key].detach().clone()
     return remapped
 

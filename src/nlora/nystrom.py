@@ -167,17 +167,35 @@ def svd_optimal_error(weight: torch.Tensor, r: int) -> float:
 
 
 def fingerprint(tensor: torch.Tensor) -> list[float]:
-    """A tolerance-friendly checksum of a frozen factor: its norm and a position-weighted sum.
+    """A tolerance-friendly checksum of a tensor: its norm and a position-weighted sum.
 
-    Frozen factors re-derived on another machine may differ in the last bits (BLAS), so a byte hash would be
-    too strict; these two numbers still catch a different weight, rank, landmark set, sign or permutation.
+    Factors re-derived on another machine or from a bf16 copy of W differ in the last bits, so a byte hash would
+    be too strict; these two numbers still catch a different weight, rank, landmark set, sign or permutation.
     """
     t = tensor.detach().float().flatten().cpu()
     weights = torch.cos(torch.arange(t.numel(), dtype=torch.float64) * 0.7).float()
     return [t.norm().item(), (t * weights).sum().item()]
 
 
-def fingerprints_match(a: list[float], b: list[float], rtol: float = 1e-3) -> bool:
-    """Compare two :func:`fingerprint` results relative to the tensor's norm."""
-    scale = max(abs(a[0]), abs(b[0]), 1e-12)
-    return len(a) == len(b) and all(abs(x - y) <= rtol * scale for x, y in zip(a, b))
+def init_fingerprint(weight: torch.Tensor, factors: Factors) -> list[float]:
+    """What identifies a Nyström init: the fingerprint of W (its norm catches a scaled W, which leaves orthonormal
+    A and B unchanged), the machine epsilon of W's dtype, then the fingerprints of the initial A, N and B."""
+    return [*fingerprint(weight), torch.finfo(weight.dtype).eps, *fingerprint(factors.A), *fingerprint(factors.N),
+            *fingerprint(factors.B)]  # fmt: skip
+
+
+def _close(a: list[float], b: list[float], rtol: float) -> bool:
+    scale = max(abs(a[0]), abs(b[0]), 1e-12)  # (norm, weighted sum) pairs, relative to the norm
+    return all(abs(x - y) <= rtol * scale for x, y in zip(a, b))
+
+
+def same_base(a: list[float], b: list[float]) -> bool:
+    """Whether two :func:`init_fingerprint` results come from the same W, up to the coarser of the two dtypes."""
+    return len(a) == len(b) == 9 and _close(a[:2], b[:2], 1e-5 + 2 * max(a[2], b[2]))
+
+
+def same_factors(a: list[float], b: list[float]) -> bool:
+    """Whether the initial factors agree (up to rounding of the coarser dtype): a bf16 copy of W can rotate A and
+    B where singular values nearly coincide, and then an N trained on the other factors does not fit them."""
+    rtol = 1e-4 + 4 * max(a[2], b[2])
+    return len(a) == len(b) == 9 and all(_close(a[i : i + 2], b[i : i + 2], rtol) for i in (3, 5, 7))
