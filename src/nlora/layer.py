@@ -41,6 +41,14 @@ def weight_matrix(base_layer: nn.Module) -> torch.Tensor:
     return base_layer.weight
 
 
+def weight_shape(base_layer: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of :func:`weight_matrix`, also for a DeepSpeed ZeRO-3 partitioned weight (local shape (0,))."""
+    weight = base_layer.weight
+    shape = tuple(getattr(weight, "ds_shape", weight.shape))
+    transposed = isinstance(base_layer, nn.Embedding) or type(base_layer).__name__ == "Conv1D"
+    return (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+
+
 def layer_seed(init_seed: int, module_key: str) -> int:
     """A per-layer seed that depends only on the config seed and the module path (not on the adapter name)."""
     return zlib.crc32(f"{init_seed}:{module_key}".encode())

@@ -8,9 +8,16 @@ import torch
 from torch import nn
 
 from . import nystrom
-from ._compat import BaseTunerLayer, ExcludedModule, LoraLayer, LoraModel, include_all_linear_layers
+from ._compat import (
+    BaseTunerLayer,
+    ExcludedModule,
+    LoraLayer,
+    LoraModel,
+    gather_params_ctx,
+    include_all_linear_layers,
+)
 from .config import NLoraConfig
-from .layer import FINGERPRINT_SUFFIX, factor_names, init_adapter, restore_base, weight_matrix
+from .layer import FINGERPRINT_SUFFIX, factor_names, init_adapter, restore_base, weight_matrix, weight_shape
 
 _BASE_PREFIX = "base_model.model."
 _QUANTIZED_MODULE_HINTS = ("bitsandbytes", "hqq", "auto_gptq", "gptqmodel", "awq", "torchao", "eetq", "aqlm", "optimum")
@@ -45,18 +52,19 @@ def check_target(key: str, base_layer: nn.Module, config: NLoraConfig, r: int) -
             f"NLoRA cannot compute a Nyström init for module '{key}': its weight is on the meta device; load the "
             "base model weights first (low_cpu_mem_usage only puts the adapter on meta, not the base model)."
         )
-    w = weight_matrix(base_layer)
-    out_features, in_features = w.shape
+    out_features, in_features = weight_shape(base_layer)
     if not 0 < r <= min(out_features, in_features):
         raise ValueError(
             f"NLoRA rank r={r} is invalid for module '{key}' ({out_features}x{in_features}); use "
             f"1 <= r <= {min(out_features, in_features)} (set rank_pattern for this module or lower r)."
         )
     if config.train_intermediate_only and weight.device.type != "meta":
-        if config.init_lora_weights == "nlora_reference":
-            zero = not w[:, :r].any() or not w[:r, :].any()
-        else:
-            zero = not w.any()
+        with gather_params_ctx(weight, modifier_rank=None):  # ZeRO-3: read the full weight
+            w = weight_matrix(base_layer)
+            if config.init_lora_weights == "nlora_reference":
+                zero = not w[:, :r].any() or not w[:r, :].any()
+            else:
+                zero = not w.any()
         if zero:
             raise ValueError(
                 f"IntTune cannot train module '{key}': its initial A or B factor is all zeros, so N would never get "
@@ -68,7 +76,7 @@ def check_checkpoint_index(index: dict[str, tuple], targets: dict[str, tuple[nn.
     """Refuse a checkpoint (``{key: (shape, finite)}``) that does not fit the targeted modules, before injection."""
     expected = {}
     for key, (base, r) in targets.items():
-        out_f, in_f = weight_matrix(base).shape
+        out_f, in_f = weight_shape(base)
         names = ("lora_embedding_A", "lora_embedding_B") if isinstance(base, nn.Embedding) else ("lora_A", "lora_B")
         suffix = "" if isinstance(base, nn.Embedding) else ".weight"
         expected[f"{key}.{names[0]}{suffix}"] = (r, in_f)
