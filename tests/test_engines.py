@@ -48,3 +48,26 @@ def test_deepspeed_zero3_every_init_matches_one_process_and_saves(llama_dir, tmp
             logits = loaded(input_ids=ids).logits
         expected = torch.load(tmp_path / f"{name}.one_process_logits.pt", weights_only=True)
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4, msg=name)  # 3 Adam steps apart
+
+
+def test_fsdp2_matches_one_process_and_rank0_only_weights_sync(llama_dir, tmp_path):
+    torchrun("fsdp2.py", str(llama_dir), str(tmp_path))
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        logits = loaded(input_ids=ids).logits
+    expected = torch.load(tmp_path / "one_process_logits.pt", weights_only=True)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_meta_base_without_a_process_group_is_refused_with_the_way_out():
+    from peft import get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from conftest import make_config
+
+    with torch.device("meta"):
+        base = LlamaForCausalLM(build("llama")[0].config)
+    with pytest.raises(ValueError, match=r"base weight is on the meta device; .*nlora\.broadcast_init_state"):
+        get_peft_model(base, make_config("llama", "nlora"))

@@ -214,22 +214,3 @@ def test_reload_with_is_trainable_makes_a_n_and_b_trainable(tmp_path):
     loaded = PeftModel.from_pretrained(build("mlp")[0], tmp_path, is_trainable=True)
     kinds = {n.split(".lora_")[1].split(".")[0] for n, p in loaded.named_parameters() if p.requires_grad}
     assert kinds == {"A", "B", "N"}
-
-
-def test_nystrom_init_gathers_each_weight_for_deepspeed_zero3(monkeypatch):
-    """Under ZeRO-3 the full weight must be gathered (and only rank 0 may write the residual)."""
-    import contextlib
-
-    import nlora.layer
-
-    calls = []
-
-    @contextlib.contextmanager
-    def recording_gather(param, modifier_rank=None):
-        calls.append((tuple(param.shape), modifier_rank))
-        yield
-
-    monkeypatch.setattr(nlora.layer, "gather_params_ctx", recording_gather)
-    get_peft_model(build("mlp")[0], make_config("mlp", "nlora"))
-    assert calls.count(((32, 16), None)) == 1 and calls.count(((32, 16), 0)) == 1  # read, then residual write
-    assert calls.count(((8, 32), None)) == 1 and calls.count(((8, 32), 0)) == 1

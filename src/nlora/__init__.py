@@ -10,6 +10,7 @@ from .model import NLoraModel
 
 register_peft_type(NLoraPeftType.NLORA, NLoraConfig, NLoraModel, prefix="lora_")
 
+from .distributed import broadcast_init_state  # noqa: E402
 from .export import convert_reference_checkpoint, export_lora  # noqa: E402
 from .report import init_report  # noqa: E402
 
@@ -20,6 +21,7 @@ __all__ = [
     "NLoraModel",
     "NLoraPeftType",
     "__version__",
+    "broadcast_init_state",
     "convert_reference_checkpoint",
     "export_lora",
     "init_report",

@@ -124,8 +124,8 @@ def _initial_factors(module: LoraLayer, adapter: str, config: NLoraConfig, key: 
 def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str, untie: bool = False) -> None:
     """Add ``lora_N`` for ``adapter`` to a freshly updated PEFT LoRA layer and initialise A, N, B (and W).
 
-    ``untie``: the base weight is shared with another module (tied embeddings); a residual then goes into a private
-    copy so that the other module keeps the original weight.
+    ``untie``: the base weight is shared with another module (tied embeddings); this layer then gets a private copy,
+    so that neither a residual nor a merge changes the other module. ``unload`` puts the shared weight back.
     """
     name_A, name_B = factor_names(module)
     A_param = adapter_param(module, name_A, adapter)
@@ -143,6 +143,12 @@ def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str,
     else:
         module.lora_variant[adapter] = SLoraLinearVariant()
 
+    if module.get_base_layer().weight.device.type == "meta":
+        # another rank holds the weights (checked by NLoraModel): it initialises, nlora.broadcast_init_state syncs
+        module.nlora_pending = getattr(module, "nlora_pending", set()) | {adapter}
+        if config.train_intermediate_only:
+            _freeze_factors(module, adapter)
+        return
     factors = _initial_factors(module, adapter, config, key)
     materialize = not config.save_frozen_factors
     _assign(module, name_A, adapter, factors.A, materialize)
@@ -154,10 +160,14 @@ def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str,
     if config.uses_residual:
         _subtract_residual(module, adapter, factors)
     if config.train_intermediate_only:
-        freeze_peft_weight(module, adapter, name_A)
-        freeze_peft_weight(module, adapter, name_B)
-        for container in (name_A, name_B):
-            adapter_param(module, container, adapter).requires_grad_(False)
+        _freeze_factors(module, adapter)
+
+
+def _freeze_factors(module: LoraLayer, adapter: str) -> None:
+    """IntTune: A and B stay frozen (PEFT re-applies this on every set_adapter)."""
+    for container in factor_names(module):
+        freeze_peft_weight(module, adapter, container)
+        adapter_param(module, container, adapter).requires_grad_(False)
 
 
 def _untie(module: LoraLayer, adapter: str) -> None:

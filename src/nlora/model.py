@@ -16,7 +16,8 @@ from ._compat import (
     gather_params_ctx,
     include_all_linear_layers,
 )
-from .config import NLoraConfig
+from .config import NYSTROM_INITS, NLoraConfig
+from .distributed import distributed_ready
 from .layer import FINGERPRINT_SUFFIX, factor_names, init_adapter, restore_base, weight_matrix, weight_shape
 
 _BASE_PREFIX = "base_model.model."
@@ -47,10 +48,11 @@ def check_target(key: str, base_layer: nn.Module, config: NLoraConfig, r: int) -
             f"NLoRA cannot adapt module '{key}' of type {kind}; it supports nn.Linear, transformers Conv1D and "
             "nn.Embedding, so remove it from target_modules or add it to exclude_modules."
         )
-    if config.init_lora_weights in ("nlora", "nlora_reference") and weight.device.type == "meta":
+    if config.init_lora_weights in NYSTROM_INITS and weight.device.type == "meta" and not distributed_ready():
         raise ValueError(
-            f"NLoRA cannot compute a Nyström init for module '{key}': its weight is on the meta device; load the "
-            "base model weights first (low_cpu_mem_usage only puts the adapter on meta, not the base model)."
+            f"NLoRA cannot compute a Nyström init for module '{key}': its base weight is on the meta device; load "
+            "the base weights first, or, when only rank 0 holds them, initialise torch.distributed before "
+            "get_peft_model and call nlora.broadcast_init_state(model) after loading rank 0's state dict."
         )
     out_features, in_features = weight_shape(base_layer)
     if not 0 < r <= min(out_features, in_features):
