@@ -1,12 +1,15 @@
 """Benchmark 3: convergence of LoRA, PiSSA, SLoRA, nlora_reference, NLoRA and IntTune under one recipe.
 
-Run:  python bench/convergence.py                 (both offline tasks, reduced budget: see the flags; ~45 min)
-      python bench/convergence.py --tiny          (a tiny model; smoke test)
+Run:  python bench/convergence.py --tasks sentiment          (MiniLM, 300 steps of batch 16; ~2.5 min a run here)
+      python bench/convergence.py --tasks math               (SmolLM2-135M, 150 steps of batch 4; ~10 min a run)
+      python bench/convergence.py --report-only              (rebuild tables and plot from the stored runs)
+      python bench/convergence.py --tiny ...                 (a tiny model; smoke test)
 
-Per method a small learning-rate grid is run with the first seed; the lr with the lowest final held-out loss is then
-run with the other seeds, so no method loses only to a bad lr. Held-out loss is measured every --eval-steps steps.
-Tasks: SmolLM2-135M on the offline GSM8K split (SFT, prompt-masked loss) and all-MiniLM-L6-v2 on the VADER
-movie-review sentences (binary classification, accuracy).
+Protocol: per method a 3-point log-spaced learning-rate grid at the first seed (IntTune has its own, higher range);
+the rate with the lowest final held-out loss is then run with the other seeds. An IntTune rank sweep runs at
+IntTune's best rate. Every finished run is stored as JSON under docs/bench-results/runs/<task>/ (settings, summary,
+metric curves) by ``nlora compare``'s runner and reused, so the study can be extended or rerun on a GPU without
+recomputing; the tables, Welch tests and the plot are rebuilt from the stored runs.
 """
 
 from __future__ import annotations
@@ -14,150 +17,162 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import warnings
 from pathlib import Path
 
-from common import DOCS, machine, markdown, update_section, write_results
+from common import DOCS, RESULTS, machine, markdown, update_section, write_results
 
+from nlora.cli.compare import run_key, run_stored
 from nlora.cli.settings import TrainSettings
-from nlora.cli.train import run_train
 
 warnings.filterwarnings("ignore")
 METHODS = ["lora", "pissa", "slora", "nlora-reference", "nlora", "inttune"]
-# IntTune trains r*r parameters per matrix and wants a larger step (the notes' E1 suggests it)
-LR_GRID = {"default": [2e-4, 1e-3], "inttune": [1e-3, 5e-3]}
+LR_GRID = {
+    "sentiment": {"default": [1e-3, 3e-3, 1e-2], "inttune": [3e-3, 1e-2, 3e-2]},
+    "math": {"default": [1e-4, 3e-4, 1e-3], "inttune": [1e-3, 3e-3, 1e-2]},
+}
+BUDGET = {"sentiment": 300, "math": 150}
+SWEEP_RANKS = [4, 8, 16]
 
 
-def task_settings(task: str, steps: int, tiny_model: str | None, tiny_data: str | None) -> TrainSettings:
+def task_settings(task: str, steps: int, tiny_model: str | None = None, tiny_data: str | None = None) -> TrainSettings:
+    """The one recipe of a task; only method, learning rate, seed and rank vary within the study."""
+    every = max(1, steps // 10)
     if tiny_model:
-        return TrainSettings(
-            model=tiny_model,
-            data=tiny_data,
-            max_steps=steps,
-            r=4,
-            max_length=192,
-            save_steps=0,
-            eval_steps=max(1, steps // 2),
-            max_eval_samples=8,
-            eval_before=False,
-        )
+        return TrainSettings(model=tiny_model, data=tiny_data, max_steps=steps, r=4, max_length=192, save_steps=0,
+                             eval_steps=max(1, steps // 2), max_eval_samples=8, eval_before=False)  # fmt: skip
     if task == "math":
-        return TrainSettings(
-            model="smollm2-135m",
-            data="gsm8k",
-            max_steps=steps,
-            r=8,
-            max_length=160,
-            per_device_train_batch_size=4,
-            save_steps=0,
-            eval_steps=max(1, steps // 4),
-            max_eval_samples=32,
-            eval_before=False,
-        )
-    return TrainSettings(
-        model="minilm",
-        task="classification",
-        data="vader-movies",
-        text_field="text",
-        label_field="label",
-        max_steps=steps,
-        r=8,
-        max_length=64,
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=64,
-        save_steps=0,
-        eval_steps=max(1, steps // 4),
-        max_eval_samples=256,
-        eval_before=False,
-        max_train_samples=4000,
-    )
+        return TrainSettings(model="smollm2-135m", data="gsm8k", max_steps=steps, r=8, max_length=160,
+                             per_device_train_batch_size=4, save_steps=0, eval_steps=every, max_eval_samples=64,
+                             eval_before=False)  # fmt: skip
+    return TrainSettings(model="minilm", task="classification", data="vader-movies", max_steps=steps, r=8,
+                         max_length=64, per_device_train_batch_size=16, per_device_eval_batch_size=64, save_steps=0,
+                         eval_steps=every, max_eval_samples=512, eval_before=False, max_train_samples=4000)  # fmt: skip
 
 
-def curve(run_dir: Path, key: str) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
+class Study:
+    """Runs (or reuses) the runs of one task and answers questions about them."""
 
+    def __init__(self, task: str, base: TrainSettings, seeds: list[int], scratch: Path, train: bool):
+        self.task, self.base, self.seeds, self.scratch, self.train = task, base, seeds, scratch, train
+        self.store = RESULTS / "runs" / task
 
-def run_task(task: str, base: TrainSettings, seeds: list[int], out: Path) -> list[dict]:
-    def run(method: str, lr: float, seed: int) -> tuple[float, Path]:
-        run_dir = out / task / f"{method}-lr{lr}-seed{seed}"
+    def run(self, method: str, lr: float, seed: int, r: int | None = None) -> dict | None:
         settings = dataclasses.replace(
-            base, method=method, learning_rate=lr, seed=seed, overwrite=True, output_dir=str(run_dir)
+            self.base, method=method, learning_rate=lr, seed=seed, r=r or self.base.r, overwrite=True
         )
-        return run_train(settings)["after_loss"], run_dir
+        settings.output_dir = str(self.scratch / self.task / run_key(settings))
+        stored = self.store / f"{run_key(settings)}.json"
+        if not self.train:
+            return json.loads(stored.read_text()) if stored.exists() else None
+        return run_stored(settings, self.store)
 
-    results = []
-    for method in METHODS:
-        trials = {lr: run(method, lr, seeds[0]) for lr in LR_GRID.get(method, LR_GRID["default"])}
-        best_lr = min(trials, key=lambda lr: trials[lr][0])
-        run_dirs = [trials[best_lr][1]] + [run(method, best_lr, seed)[1] for seed in seeds[1:]]
-        summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
-        results.append(
-            {
-                "task": task,
-                "method": method,
-                "lr_grid": {str(lr): t[0] for lr, t in trials.items()},
-                "best_lr": best_lr,
-                "runs": [str(d) for d in run_dirs],
-                "summaries": summaries,
-            }
-        )
-    return results
+    def grid(self, method: str) -> list[float]:
+        grids = LR_GRID.get(self.task, LR_GRID["sentiment"])
+        return grids.get(method, grids["default"])
 
+    def best_lr(self, method: str) -> tuple[float | None, dict[float, float]]:
+        trials = {lr: self.run(method, lr, self.seeds[0]) for lr in self.grid(method)}
+        losses = {lr: t["summary"]["after_loss"] for lr, t in trials.items() if t is not None}
+        if len(losses) < len(trials):
+            return None, losses
+        return min(losses, key=losses.get), losses
 
-def aggregate(results: list[dict]) -> list[dict]:
-    rows = []
-    for task in dict.fromkeys(r["task"] for r in results):
-        task_results = [r for r in results if r["task"] == task]
-        lora = next(r for r in task_results if r["method"] == "lora")
-        lora_final = statistics.mean(s["after_loss"] for s in lora["summaries"])
-        for r in task_results:
-            curves = [curve(Path(d), "eval_loss") for d in r["runs"]]
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
-            mean_curve = {s: statistics.mean(c[s] for c in curves) for s in steps}
-            reach = next((s for s in steps if mean_curve[s] <= lora_final), None)
-            metric = [s.get("after_accuracy") for s in r["summaries"] if s.get("after_accuracy") is not None]
-            rows.append(
-                {
-                    "task": task,
-                    "method": r["method"],
-                    "best_lr": r["best_lr"],
-                    "seeds": len(r["runs"]),
-                    "trainable_params": r["summaries"][0]["trainable_params"],
-                    "train_loss": [s["train_loss"] for s in r["summaries"]],
-                    "heldout_loss": [s["after_loss"] for s in r["summaries"]],
-                    "accuracy": metric,
-                    "steps_to_lora_final": reach,
-                    "eval_curve": mean_curve,
-                }
-            )
-    return rows
+    def method_runs(self, method: str, r: int | None = None) -> tuple[float | None, dict, list[dict]]:
+        lr, grid = self.best_lr(method)
+        if lr is None:
+            return None, grid, []
+        runs = [self.run(method, lr, seed, r) for seed in self.seeds]
+        return lr, grid, [run for run in runs if run is not None]
 
 
-def fmt(values: list[float]) -> str:
+def ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval."""
+    from scipy import stats
+
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def fmt_ci(values: list[float], digits: int = 4) -> str:
     if not values:
         return "–"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    mean, half = ci95(values)
+    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def welch(a: list[float], b: list[float]) -> float | None:
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return None
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def eval_curve(run: dict, key: str = "eval_loss") -> dict[int, float]:
+    return {m["step"]: m[key] for m in run["metrics"] if key in m}
+
+
+def steps_to(run: dict, threshold: float) -> int | None:
+    """The first evaluated step whose held-out loss is at or below ``threshold``."""
+    return next((s for s, v in sorted(eval_curve(run).items()) if v <= threshold), None)
+
+
+def analyse(study: Study, sweep: bool) -> dict:
+    """Rows of the main table, Welch tests and the IntTune rank sweep, from whatever runs are stored."""
+    rows, by_method = [], {}
+    for method in METHODS:
+        lr, grid, runs = study.method_runs(method)
+        by_method[method] = runs
+        rows.append({"method": method, "lr_grid": grid, "best_lr": lr, "runs": runs})
+    lora_final = [r["summary"]["after_loss"] for r in by_method["lora"]]
+    threshold = statistics.mean(lora_final) if lora_final else None
+    for row in rows:
+        row["heldout_loss"] = [r["summary"]["after_loss"] for r in row["runs"]]
+        row["accuracy"] = [r["summary"]["after_accuracy"] for r in row["runs"] if "after_accuracy" in r["summary"]]
+        row["train_loss"] = [r["summary"]["train_loss"] for r in row["runs"]]
+        row["trainable_params"] = row["runs"][0]["summary"]["trainable_params"] if row["runs"] else None
+        row["steps_to_lora"] = [steps_to(r, threshold) for r in row["runs"]] if threshold is not None else []
+    tests = {}
+    for other in ("lora", "pissa"):
+        for metric in ("heldout_loss", "accuracy"):
+            a = next(r for r in rows if r["method"] == "nlora")[metric]
+            b = next(r for r in rows if r["method"] == other)[metric]
+            tests[f"nlora vs {other}: {metric}"] = welch(a, b)
+    sweep_rows = []
+    if sweep:
+        lr, _ = study.best_lr("inttune")
+        for r in SWEEP_RANKS if lr is not None else []:
+            runs = [run for run in (study.run("inttune", lr, seed, r) for seed in study.seeds) if run is not None]
+            if runs:
+                sweep_rows.append({"r": r, "lr": lr, "runs": runs})
+    return {"rows": rows, "welch": tests, "sweep": sweep_rows, "lora_final": threshold}
+
+
+def plot(analyses: dict[str, dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for r in (r for r in rows if r["task"] == task):
-            steps = sorted(r["eval_curve"])
-            ax.plot(
-                steps, [r["eval_curve"][s] for s in steps], marker="o", label=f"{r['method']} (lr {r['best_lr']:g})"
-            )
-        ax.set_title(f"{task}: held-out loss (mean over seeds)")
+    fig, axes = plt.subplots(1, len(analyses), figsize=(6.5 * len(analyses), 4.4), squeeze=False)
+    for ax, (task, analysis) in zip(axes[0], analyses.items()):
+        for row in analysis["rows"]:
+            curves = [eval_curve(r) for r in row["runs"]]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            values = [[c[s] for c in curves] for s in steps]
+            mean = [statistics.mean(v) for v in values]
+            line = ax.plot(steps, mean, marker=".", label=f"{row['method']} (lr {row['best_lr']:g}, n={len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.15,
+                                color=line[0].get_color())  # fmt: skip
+        ax.set_title(f"{task}: held-out loss (mean; band: min-max over seeds)")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -166,64 +181,84 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def report(task: str, analysis: dict, budget: int) -> str:
+    rows = analysis["rows"]
+    table = markdown(
+        ["method", "lr grid (final held-out loss, seed 0)", "best lr", "seeds", "trainable params",
+         "held-out loss (mean ± 95% CI)", "held-out accuracy", "step reaching LoRA's final loss (per seed)"],
+        [
+            [
+                r["method"],
+                ", ".join(f"{lr:g}: {loss:.3f}" for lr, loss in r["lr_grid"].items()) or "–",
+                "–" if r["best_lr"] is None else f"{r['best_lr']:g}",
+                len(r["runs"]),
+                "–" if r["trainable_params"] is None else f"{r['trainable_params']:,}",
+                fmt_ci(r["heldout_loss"]),
+                fmt_ci(r["accuracy"]),
+                ", ".join("never" if s is None else str(s) for s in r["steps_to_lora"]) or "–",
+            ]
+            for r in rows
+        ],
+    )  # fmt: skip
+    tests = "; ".join(
+        f"{name}: p = {p:.3g}" if p is not None else f"{name}: too few runs" for name, p in analysis["welch"].items()
+    )
+    text = f"**{task}** ({budget} steps):\n\n{table}\nWelch two-sided tests — {tests}.\n"
+    if analysis["sweep"]:
+        lora = next(r for r in rows if r["method"] == "lora")
+        sweep = markdown(
+            ["method", "r", "trainable params", "held-out loss (mean ± 95% CI)", "held-out accuracy"],
+            [["lora", 8, f"{lora['trainable_params']:,}" if lora["runs"] else "–", fmt_ci(lora["heldout_loss"]),
+              fmt_ci(lora["accuracy"])]]
+            + [["inttune", s["r"], f"{s['runs'][0]['summary']['trainable_params']:,}",
+                fmt_ci([r["summary"]["after_loss"] for r in s["runs"]]),
+                fmt_ci([r["summary"].get("after_accuracy") for r in s["runs"] if "after_accuracy" in r["summary"]])]
+               for s in analysis["sweep"]],
+        )  # fmt: skip
+        text += (
+            f"\nIntTune rank sweep (lr {analysis['sweep'][0]['lr']:g}, {len(analysis['sweep'][0]['runs'])} seeds):\n\n"
+        )
+        text += sweep
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="sentiment,math")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--math-steps", type=int, default=24)
-    parser.add_argument("--sentiment-steps", type=int, default=40)
-    parser.add_argument("--out", default="runs/bench-convergence")
+    parser.add_argument("--math-steps", type=int, default=BUDGET["math"])
+    parser.add_argument("--sentiment-steps", type=int, default=BUDGET["sentiment"])
+    parser.add_argument("--out", default="runs/bench-convergence", help="scratch folder of the run outputs")
+    parser.add_argument("--report-only", action="store_true", help="no training: tables from the stored runs")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the IntTune rank sweep")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--tiny-model")
     parser.add_argument("--tiny-data")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out)
-    results = []
+    analyses, budgets = {}, {}
     for task in args.tasks.split(","):
-        steps = args.math_steps if task == "math" else args.sentiment_steps
-        base = task_settings(task, steps, args.tiny_model if args.tiny else None, args.tiny_data)
-        results += run_task(task, base, seeds, out)
-    rows = aggregate(results)
-    command = "python bench/convergence.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k != "out"
-    )
-    payload = {"machine": machine(), "command": command, "rows": rows, "lr_grids": LR_GRID}
+        budgets[task] = args.math_steps if task == "math" else args.sentiment_steps
+        base = task_settings(task, budgets[task], args.tiny_model if args.tiny else None, args.tiny_data)
+        study = Study(task, base, seeds, Path(args.out), train=not args.report_only)
+        if study.train:  # the lr grids of every method first, so a partial study is already a fair comparison
+            for method in METHODS:
+                study.best_lr(method)
+        analyses[task] = analyse(study, sweep=not args.no_sweep)
+    slim = {t: {**a, "rows": [{k: v for k, v in r.items() if k != "runs"} for r in a["rows"]],
+                "sweep": [{"r": s["r"], "lr": s["lr"], "heldout_loss": [x["summary"]["after_loss"] for x in s["runs"]]}
+                          for s in a["sweep"]]} for t, a in analyses.items()}  # fmt: skip
+    payload = {"machine": machine(), "lr_grids": LR_GRID, "seeds": seeds, "budgets": budgets, "tasks": slim}
     write_results("convergence" + ("_tiny" if args.tiny else ""), payload)
     if args.tiny:
         return
-    plot(rows, DOCS / "convergence.png")
-    table = markdown(
-        [
-            "task",
-            "method",
-            "best lr",
-            "seeds",
-            "trainable params",
-            "final train loss",
-            "final held-out loss",
-            "held-out accuracy",
-            "first step ≤ LoRA's final held-out loss",
-        ],
-        [
-            [
-                r["task"],
-                r["method"],
-                r["best_lr"],
-                r["seeds"],
-                f"{r['trainable_params']:,}",
-                fmt(r["train_loss"]),
-                fmt(r["heldout_loss"]),
-                fmt(r["accuracy"]),
-                r["steps_to_lora_final"] if r["steps_to_lora_final"] is not None else "not reached",
-            ]
-            for r in rows
-        ],
-    )
+    plot(analyses, DOCS / "convergence.png")
+    body = "\n".join(report(task, a, budgets[task]) for task, a in analyses.items())
     update_section(
         "convergence",
-        f"Command: `{command}` · lr grids {LR_GRID} · machine: {payload['machine']}\n\n"
-        f"{table}\n![held-out loss curves](convergence.png)",
+        f"Command: `python bench/convergence.py --tasks {args.tasks} --seeds {args.seeds}` (stored runs in "
+        f"`docs/bench-results/runs/`) · lr grids {LR_GRID} · machine: {payload['machine']}\n\n"
+        f"{body}\n![held-out loss curves](convergence.png)",
     )
 
 

@@ -64,7 +64,11 @@ def test_convergence_tiny(tmp_path):
         "--tiny-data",
         str(data),
         "--out",
-        str(tmp_path / "runs"),
-    )["rows"]
-    assert [r["method"] for r in rows] == ["lora", "pissa", "slora", "nlora-reference", "nlora", "inttune"]
-    assert all(len(r["heldout_loss"]) == 2 for r in rows)
+        str(tmp_path / "scratch"),
+    )["tasks"]["math"]
+    assert [r["method"] for r in rows["rows"]] == ["lora", "pissa", "slora", "nlora-reference", "nlora", "inttune"]
+    assert all(len(r["heldout_loss"]) == 2 and len(r["lr_grid"]) == 3 for r in rows["rows"])
+    assert set(rows["welch"]) == {f"nlora vs {b}: {m}" for b in ("lora", "pissa") for m in ("heldout_loss", "accuracy")}
+    assert [s["r"] for s in rows["sweep"]] == [4, 8, 16]
+    stored = sorted(p.name for p in (tmp_path / "runs" / "math").glob("*.json"))
+    assert len(stored) == 6 * 3 + 6 + 2 * 2  # lr grids, the second seed, the rank sweep (r=4 is the base rank)

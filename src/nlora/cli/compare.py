@@ -22,24 +22,56 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
-def run_compare(base: TrainSettings, methods: list[str], seeds: list[int], out_dir: str) -> Path:
-    """Train every method with every seed (same settings otherwise); write ``compare.md``, ``compare.json``, PNG."""
+def run_key(settings: TrainSettings) -> str:
+    """The file name a finished run is stored under: what distinguishes runs of one study."""
+    return f"{settings.method}-r{settings.r}-lr{settings.learning_rate:g}-seed{settings.seed}-steps{settings.max_steps}"
+
+
+def run_stored(settings: TrainSettings, store: Path | None) -> dict[str, Any]:
+    """Train once, or reuse the run stored under ``store`` with exactly these settings.
+
+    The stored record holds the settings, the summary and the metric curves (``metrics.jsonl``), so tables and plots
+    can be rebuilt, and a study extended or rerun elsewhere, without training again.
+    """
+    path = store / f"{run_key(settings)}.json" if store is not None else None
+    wanted = settings.comparable()
+    if path is not None and path.exists():
+        record = json.loads(path.read_text())
+        if record["settings"] == wanted:
+            return record
+    summary = run_train(settings)
+    lines = (Path(settings.output_dir) / "metrics.jsonl").read_text().splitlines()
+    record = {"settings": wanted, "summary": summary, "metrics": [json.loads(line) for line in lines]}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
+    return record
+
+
+def run_compare(
+    base: TrainSettings, methods: list[str], seeds: list[int], out_dir: str, store: Path | None = None
+) -> Path:
+    """Train every method with every seed (same settings otherwise); write ``compare.md``, ``compare.json``, PNG.
+
+    With ``store``, runs already stored there under the same settings are reused instead of retrained.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summaries: list[dict[str, Any]] = []
+    records = []
     for method in methods:
         for seed in seeds:
             run_dir = out / f"{method}-seed{seed}"
             settings = dataclasses.replace(
                 base, method=method, seed=seed, output_dir=str(run_dir), resume=False, overwrite=True
             )
-            summary = run_train(settings)
-            summary["metrics_file"] = str(run_dir / "metrics.jsonl")
-            summaries.append(summary)
-    (out / "compare.json").write_text(json.dumps(summaries, indent=2))
+            records.append(run_stored(settings, store))
+    summaries = [r["summary"] for r in records]
+    (out / "compare.json").write_text(json.dumps(records, indent=2))
     table = markdown_table(summaries)
     (out / "compare.md").write_text(table)
-    plot_losses(summaries, out / "compare.png")
+    plot_losses(records, out / "compare.png")
     return out / "compare.md"
 
 
@@ -75,7 +107,7 @@ def markdown_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_losses(summaries: list[dict[str, Any]], path: Path) -> None:
+def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     """Training loss against step, mean over seeds, one line per method."""
     import matplotlib
 
@@ -83,12 +115,12 @@ def plot_losses(summaries: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(s["method"] for s in summaries):
-        curves = []
-        for summary in (s for s in summaries if s["method"] == method):
-            lines = Path(summary["metrics_file"]).read_text().splitlines()
-            curve = {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-            curves.append(curve)
+    for method in dict.fromkeys(r["summary"]["method"] for r in records):
+        curves = [
+            {m["step"]: m["loss"] for m in r["metrics"] if "loss" in m}
+            for r in records
+            if r["summary"]["method"] == method
+        ]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps], label=method)
     ax.set_xlabel("step")
