@@ -33,6 +33,7 @@ LR_GRID = {
     "sentiment": {"default": [1e-3, 3e-3, 1e-2], "inttune": [3e-3, 1e-2, 3e-2]},
     "math": {"default": [1e-4, 3e-4, 1e-3], "inttune": [1e-3, 3e-3, 1e-2]},
 }
+RUN_ORDER = ["lora", "nlora", "pissa", "inttune", "slora", "nlora-reference"]
 BUDGET = {"sentiment": 300, "math": 150}
 SWEEP_RANKS = [4, 8, 16]
 
@@ -124,11 +125,12 @@ def steps_to(run: dict, threshold: float) -> int | None:
 
 def analyse(study: Study, sweep: bool) -> dict:
     """Rows of the main table, Welch tests and the IntTune rank sweep, from whatever runs are stored."""
-    rows, by_method = [], {}
-    for method in METHODS:
+    rows, by_method = {}, {}
+    for method in RUN_ORDER:  # the methods the tests compare first, so a partial study answers them soonest
         lr, grid, runs = study.method_runs(method)
         by_method[method] = runs
-        rows.append({"method": method, "lr_grid": grid, "best_lr": lr, "runs": runs})
+        rows[method] = {"method": method, "lr_grid": grid, "best_lr": lr, "runs": runs}
+    rows = [rows[m] for m in METHODS]
     lora_final = [r["summary"]["after_loss"] for r in by_method["lora"]]
     threshold = statistics.mean(lora_final) if lora_final else None
     for row in rows:

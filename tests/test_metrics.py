@@ -2,7 +2,7 @@
 
 import pytest
 
-from nlora.cli.evaluate import (
+from nlora.cli.metrics import (
     classification_metrics,
     extract_gsm8k_answer,
     extract_math_answer,

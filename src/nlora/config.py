@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from peft import LoraConfig
 
-from .io import read_adapter
+from .files import read_adapter
 from .nystrom import CORES, LANDMARKS
 
 

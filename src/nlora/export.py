@@ -13,7 +13,7 @@ from torch import nn
 
 from ._compat import LoraLayer
 from .config import INIT_ALIASES, NLoraConfig
-from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory, read_adapter
+from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_MARKER, atomic_directory, check_destination, read_adapter
 from .layer import FINGERPRINT_SUFFIX, adapter_param, factor_names
 
 _BASE_PREFIX = "base_model.model."
@@ -36,7 +36,9 @@ def lora_factors(module: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.T
     return A_new, B_new
 
 
-def export_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
+def export_lora(
+    model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default", overwrite: bool = False
+) -> Path:
     """Write ``adapter_name`` of an NLoRA ``PeftModel`` as a vanilla PEFT LoRA adapter (``peft_type`` "LORA").
 
     Stock PEFT (without nlora) loads it onto the *original* base model (the one before any residual was subtracted)
@@ -44,6 +46,9 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str 
     export never contains base weights. For vLLM every module gets one rank from vLLM's set (zero-padded, exact),
     ``lora_alpha = r`` and no rank/alpha patterns; an adapter vLLM still cannot serve (``modules_to_save``,
     embeddings, ``lm_head``) is exported for PEFT with a warning that says why. Merged adapters must be unmerged.
+
+    ``out_dir`` may be a new or empty folder or an earlier export; any other non-empty folder is replaced only with
+    ``overwrite=True``, and only once the new export is complete.
     """
     from peft.utils import get_peft_model_state_dict
 
@@ -52,6 +57,7 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str 
     config = model.peft_config[adapter_name]
     if not isinstance(config, NLoraConfig):
         raise TypeError(f"Adapter '{adapter_name}' is not an NLoRA adapter; save it with save_pretrained instead.")
+    check_destination(out_dir, EXPORT_MARKER, "export", overwrite)
     factors = {}
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in getattr(module, "lora_N", {}):
@@ -91,7 +97,7 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str 
         bias="none",
         init_lora_weights=True,
     )
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, marker=EXPORT_MARKER) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         lora_config.save_pretrained(str(tmp))
         problems = vllm_problems(tmp)
@@ -103,12 +109,13 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str 
     return Path(out_dir)
 
 
-def convert_reference_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+def convert_reference_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False) -> Path:
     """Turn an adapter saved by the authors' PEFT fork into an NLoRA adapter that ``PeftModel.from_pretrained`` loads.
 
     Their checkpoints say ``peft_type: LORA`` with ``init_lora_weights`` "n_lora" or "s_lora" and carry ``lora_N``
     tensors; stock PEFT would silently drop N. The weights keep their names; only the config changes.
     """
+    check_destination(dst, EXPORT_MARKER, "converted adapter", overwrite, source=src)
     raw, tensors = read_adapter(src)
     init = raw.get("init_lora_weights")
     has_n = any(".lora_N." in k or k.endswith(".lora_N") for k in tensors)
@@ -129,7 +136,7 @@ def convert_reference_checkpoint(src: str | os.PathLike, dst: str | os.PathLike)
             raise ValueError(f"{src} uses {key}, which NLoRA does not support; not converted.")
         kwargs.pop(key, None)
     config = NLoraConfig(**kwargs)
-    with atomic_directory(dst) as tmp:
+    with atomic_directory(dst, marker=EXPORT_MARKER) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
     return Path(dst)

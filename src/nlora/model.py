@@ -109,6 +109,27 @@ def check_checkpoint_index(index: dict[str, tuple], targets: dict[str, tuple[nn.
         )
 
 
+def targeted_modules(model: nn.Module, config) -> dict[str, tuple[nn.Module, int]]:
+    """``{key: (base layer, rank)}`` of every module a (N)LoRA config with explicit ``target_modules`` (a list, a
+    regex or "all-linear") would adapt, found the way PEFT finds them, without touching the model."""
+    from peft.utils.other import get_pattern_key
+
+    from ._compat import check_target_module_exists
+
+    config = include_all_linear_layers(copy.copy(config), model)  # resolves target_modules="all-linear"
+    targets = {}
+    for key, module in model.named_modules():
+        parts = key.split(".")
+        if not key or "base_layer" in parts or any(p.startswith(("lora_", "modules_to_save")) for p in parts):
+            continue
+        matched = check_target_module_exists(config, key)
+        if not matched or isinstance(matched, ExcludedModule):
+            continue
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        targets[key] = (base, config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r))
+    return targets
+
+
 def shared_weights(model: nn.Module) -> set[int]:
     """ids of the parameters that more than one module holds (tied input and output embeddings)."""
     seen, shared = set(), set()
@@ -138,22 +159,10 @@ class NLoraModel(LoraModel):
 
     def _check_all_targets(self, model: nn.Module, config: NLoraConfig) -> dict[str, tuple[nn.Module, int]]:
         """Check every module the config targets; return ``{key: (base layer, rank)}``."""
-        from peft.utils.other import get_pattern_key
-
         config = self._prepare_adapter_config(copy.copy(config), self.get_model_config(model))
-        config = include_all_linear_layers(config, model)  # resolves target_modules="all-linear"
-        targets = {}
-        for key, module in model.named_modules():
-            parts = key.split(".")
-            if not key or "base_layer" in parts or any(p.startswith(("lora_", "modules_to_save")) for p in parts):
-                continue
-            matched = self._check_target_module_exists(config, key)
-            if not matched or isinstance(matched, ExcludedModule):
-                continue
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
+        targets = targeted_modules(model, config)
+        for key, (base, r) in targets.items():
             check_target(key, base, config, r)
-            targets[key] = (base, r)
         return targets
 
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 _OUTPUT_LAYER_NAMES = ("lm_head", "embed_out", "output_layer")

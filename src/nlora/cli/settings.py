@@ -1,21 +1,29 @@
-"""The explicit run configuration of ``nlora train`` / ``compare``: one dataclass, a YAML/TOML file, CLI overrides."""
+"""Every setting of every ``nlora`` subcommand: grouped, documented dataclasses parsed by transformers'
+``HfArgumentParser``, with ``--config FILE`` (YAML, TOML or JSON) underneath the command-line flags.
+
+A config file's values go through the same typed parser as flags (``learning_rate: 5e-4``, which PyYAML reads as a
+string, and ``r = "8"`` in TOML both become numbers), unknown keys are refused with the list of valid ones, and a flag
+given on the command line overrides the file.
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import HfArgumentParser
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 METHODS = ("lora", "pissa", "slora", "nlora", "nlora-reference", "inttune")
-TASKS = ("sft", "classification")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt")
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -23,129 +31,285 @@ ALPACA_PROMPT = (
 )
 
 
-@dataclass
-class TrainSettings:
-    """Everything a run depends on. Defaults are the offline demo: SmolLM2-135M on GSM8K, NLoRA r=8."""
+class SettingsError(ValueError):
+    """A bad setting, flag or config file (reported as one line, exit code 2)."""
 
-    model: str = field(default="smollm2-135m", metadata={"help": "smollm2-135m, minilm, a local folder or hub name"})
-    task: str = field(default="sft", metadata={"help": "sft (instruction -> response) or classification"})
-    data: str = field(default="gsm8k", metadata={"help": "gsm8k, vader-movies, a .json/.jsonl/.csv/.parquet file"})
+
+@dataclass
+class ModelSettings:
+    _argument_group_name = "model"
+
+    model: str = field(
+        default="smollm2-135m", metadata={"help": "smollm2-135m, minilm (offline), a local folder, or a hub name"}
+    )
+    task: Literal["sft", "classification"] = field(
+        default="sft", metadata={"help": "sft (prompt -> response, loss on the response) or classification"}
+    )
+    num_labels: int = field(default=2, metadata={"help": "classification classes (1 = regression)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with a hub model"})
+
+
+@dataclass
+class DataSettings:
+    _argument_group_name = "data"
+
+    data: str = field(
+        default="gsm8k", metadata={"help": "gsm8k, vader-movies (offline), a .json/.jsonl/.csv/.parquet file, or hub"}
+    )
     eval_data: str | None = field(default=None, metadata={"help": "held-out file (default: split off the data)"})
     eval_fraction: float = field(default=0.1, metadata={"help": "held-out share when eval_data is not given"})
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = field(default=64, metadata={"help": "cap of the held-out set"})
-    prompt_field: str = "question"
-    response_field: str = "answer"
-    text_field: str = "text"
-    text_pair_field: str | None = None
-    label_field: str = "label"
-    num_labels: int = field(default=2, metadata={"help": "classification classes (1 = regression)"})
-    prompt_template: str = ALPACA_PROMPT
-    response_suffix: str = field(default="", metadata={"help": "appended to responses (default: the EOS token)"})
-    method: str = field(default="nlora", metadata={"help": "|".join(METHODS)})
-    r: int = 8
+    max_train_samples: int | None = field(default=None, metadata={"help": "use the first N training rows"})
+    max_eval_samples: int | None = field(default=64, metadata={"help": "use the first N held-out rows"})
+    prompt_field: str = field(default="question", metadata={"help": "sft: the prompt column"})
+    response_field: str = field(default="answer", metadata={"help": "sft: the response column"})
+    prompt_template: str = field(default=ALPACA_PROMPT, metadata={"help": "sft: wraps {prompt} (the paper's Alpaca)"})
+    response_suffix: str = field(default="", metadata={"help": "sft: appended to responses (default: the EOS token)"})
+    text_field: str = field(default="text", metadata={"help": "classification: the text column"})
+    text_pair_field: str | None = field(default=None, metadata={"help": "classification: a second text column"})
+    label_field: str = field(
+        default="label", metadata={"help": "classification: the label column (ids, or names mapped to sorted ids)"}
+    )
+    max_length: int = field(default=192, metadata={"help": "tokens per example (longer ones are truncated)"})
+
+
+@dataclass
+class AdapterSettings:
+    _argument_group_name = "adapter"
+
+    method: Literal["lora", "pissa", "slora", "nlora", "nlora-reference", "inttune"] = field(
+        default="nlora", metadata={"help": "lora and pissa are stock PEFT; the others are nlora's"}
+    )
+    r: int = field(default=8, metadata={"help": "adapter rank", "aliases": ["--rank"]})
     lora_alpha: float | None = field(default=None, metadata={"help": "default: r (scaling 1, as the paper)"})
-    lora_dropout: float = 0.0
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
     target_modules: str | None = field(default=None, metadata={"help": "comma list; default: all linear layers"})
-    nystrom_landmarks: str = "norm"
-    nystrom_core: str = "lstsq"
-    residual: bool = True
-    learning_rate: float = 2e-4
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    per_device_train_batch_size: int = 4
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_length: int = 192
-    num_train_epochs: float = 1.0
-    max_steps: int = field(default=40, metadata={"help": "-1: run num_train_epochs"})
-    seed: int = 0
-    logging_steps: int = 1
+    nystrom_landmarks: Literal["first", "random", "norm", "leverage"] = field(
+        default="norm", metadata={"help": "nlora/inttune: how landmark rows and columns are picked"}
+    )
+    nystrom_core: Literal["lstsq", "pinv", "ridge", "block"] = field(
+        default="lstsq", metadata={"help": "nlora/inttune: the core between C and R"}
+    )
+    residual: bool = field(default=True, metadata={"help": "nlora/inttune: subtract the initial delta from W"})
+
+
+@dataclass
+class OptimSettings:
+    _argument_group_name = "training"
+
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    lr_scheduler_type: Literal[SCHEDULERS] = field(default="cosine", metadata={"help": "learning-rate schedule"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "share of the steps spent warming up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "training batch per process"})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "evaluation batch per process"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs, when max_steps is -1"})
+    max_steps: int = field(default=40, metadata={"help": "optimizer steps (-1: run num_train_epochs)"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, adapter init and dropout"})
+    logging_steps: int = field(default=1, metadata={"help": "log the training loss every N steps"})
     eval_steps: int = field(default=0, metadata={"help": "held-out loss every N steps (0: only before/after)"})
     save_steps: int = field(default=20, metadata={"help": "checkpoint every N steps (0: none)"})
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    output_dir: str = "runs/demo"
-    overwrite: bool = field(default=False, metadata={"help": "replace an output_dir that holds another run"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint"})
-    merge: bool = field(default=False, metadata={"help": "also save the merged model"})
-    eval_before: bool = field(default=True, metadata={"help": "measure held-out loss/metric before training"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with a hub model"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations to save memory"})
+
+
+@dataclass
+class OutputSettings:
+    _argument_group_name = "output"
+
+    output_dir: str = field(default="runs/demo", metadata={"help": "the run folder (created; see --overwrite)"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace an output_dir that holds another nlora run, once this one is done"}
+    )
+    resume: bool = field(default=False, metadata={"help": "continue the run in output_dir from its last checkpoint"})
+    merge: bool = field(default=False, metadata={"help": "also save the merged model in output_dir/merged"})
+    eval_before: bool = field(default=True, metadata={"help": "measure the held-out loss/metric before training"})
+
+
+@dataclass
+class TrainSettings(OutputSettings, OptimSettings, AdapterSettings, DataSettings, ModelSettings):
+    """Everything a training run depends on. Defaults are the offline demo: SmolLM2-135M on GSM8K, NLoRA r=8."""
 
     # fields that may differ between a run and its resumption
     RESUMABLE_CHANGES = ("resume", "overwrite", "output_dir", "merge", "eval_before", "logging_steps")
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown method '{self.method}'; choose one of {', '.join(METHODS)}.")
-        if self.task not in TASKS:
-            raise ValueError(f"Unknown task '{self.task}'; choose one of {', '.join(TASKS)}.")
-        if self.r <= 0:
-            raise ValueError(f"Rank r must be a positive integer, got {self.r}.")
+        """Refuse impossible values with one sentence each, before anything is loaded or written."""
+        positive = ("r", "num_labels", "max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "logging_steps")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise SettingsError(f"--max-steps must be a positive number of steps or -1 (epochs), got {self.max_steps}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise SettingsError(f"--learning-rate must be a positive number, got {self.learning_rate}.")
+        if not 0 < self.eval_fraction < 1:
+            raise SettingsError(f"--eval-fraction must lie strictly between 0 and 1, got {self.eval_fraction}.")
+        for name in ("warmup_ratio", "lora_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(self, name)}.")
+        if self.weight_decay < 0 or self.num_train_epochs <= 0 or self.eval_steps < 0 or self.save_steps < 0:
+            raise SettingsError(
+                "--weight-decay, --eval-steps and --save-steps must be >= 0 and --num-train-epochs > 0."
+            )
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise SettingsError(f"--lora-alpha must be positive, got {self.lora_alpha}.")
+        if self.resume and self.overwrite:
+            raise SettingsError("--resume continues a run and --overwrite replaces it; pass only one of them.")
 
     def comparable(self) -> dict[str, Any]:
-        """The settings that define the result of a run (for the --resume check)."""
+        """The settings that define the result of a run (for the --resume check and the study's run store)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUMABLE_CHANGES}
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or TOML settings file into a dict of field values."""
+@dataclass
+class CompareSettings:
+    _argument_group_name = "comparison"
+
+    methods: str = field(default="lora,slora,nlora,inttune", metadata={"help": f"comma list of {', '.join(METHODS)}"})
+    seeds: str = field(default="0", metadata={"help": "comma list of seeds; each method runs with each"})
+
+    def method_list(self) -> list[str]:
+        methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise SettingsError(f"Unknown method(s) {unknown or methods}; choose from {', '.join(METHODS)}.")
+        return methods
+
+    def seed_list(self) -> list[int]:
+        try:
+            return [int(s) for s in self.seeds.split(",")]
+        except ValueError as err:
+            raise SettingsError(f"--seeds must be a comma list of integers, got '{self.seeds}'.") from err
+
+
+@dataclass
+class EvalSettings:
+    """``nlora eval``: score a base model, with an adapter or without."""
+
+    _argument_group_name = "evaluation"
+
+    task: Literal["gsm8k", "math", "humaneval", "classification"] = field(
+        default="gsm8k", metadata={"help": "what to score"}
+    )
+    model: str | None = field(default=None, metadata={"help": "base model (default: the adapter's base model)"})
+    adapter: str | None = field(default=None, metadata={"help": "adapter folder (NLoRA or LoRA)"})
+    data: str | None = field(default=None, metadata={"help": "local file or offline name (gsm8k, vader-movies)"})
+    limit: int | None = field(default=32, metadata={"help": "score the first N items"})
+    batch_size: int = field(default=8, metadata={"help": "generation / classification batch"})
+    max_new_tokens: int = field(default=256, metadata={"help": "generation budget per item"})
+    max_length: int = field(default=256, metadata={"help": "classification: tokens per text"})
+    output_dir: str = field(default="runs/eval", metadata={"help": "where predictions.jsonl and score.json go"})
+    prompt_field: str | None = field(default=None, metadata={"help": "question column (gsm8k: question)"})
+    answer_field: str | None = field(default=None, metadata={"help": "answer column (gsm8k: answer)"})
+    text_field: str = field(default="text", metadata={"help": "classification: the text column"})
+    label_field: str = field(default="label", metadata={"help": "classification: the label column"})
+    num_labels: int = field(default=2, metadata={"help": "classification classes"})
+    timeout: float = field(default=5.0, metadata={"help": "seconds per HumanEval program"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with a hub model"})
+
+
+@dataclass
+class ExportSettings:
+    """``nlora export``: an NLoRA adapter as a vanilla PEFT LoRA adapter (vLLM-servable), or a merged model."""
+
+    _argument_group_name = "export"
+
+    adapter: str = field(default=None, metadata={"help": "the NLoRA adapter folder (required)"})
+    out: str = field(default=None, metadata={"help": "the folder to write (required; never inside --adapter)"})
+    model: str | None = field(default=None, metadata={"help": "base model (default: the adapter's base model)"})
+    merged: bool = field(default=False, metadata={"help": "write the merged model instead of a LoRA adapter"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --out that is not an nlora export"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with a hub model"})
+
+
+TRAIN_GROUPS = (ModelSettings, DataSettings, AdapterSettings, OptimSettings, OutputSettings)
+
+
+class Parser(HfArgumentParser):
+    """``HfArgumentParser`` whose errors are exceptions (printed as one line by ``nlora``), not usage dumps."""
+
+    def error(self, message: str):
+        raise SettingsError(f"{self.prog.removeprefix('nlora ')}: {message}")
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A YAML, TOML or JSON settings file as a dict; a damaged file is named in one sentence."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Config file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".toml":
-        values = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml
+        raise SettingsError(f"Config file {path} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            values = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        values = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        values = json.loads(text)
-    else:
-        raise ValueError(f"Config file {path} must end in .yaml, .yml, .toml or .json.")
-    known = {f.name for f in dataclasses.fields(TrainSettings)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"Config file {path} has unknown settings {unknown}; see `nlora train --help`.")
+            values = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise SettingsError(f"Config file {path} must end in .yaml, .yml, .toml or .json.")
+    except SettingsError:
+        raise
+    except Exception as err:  # yaml/toml/json/unicode errors: one line that names the file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SettingsError(f"Config file {path} is not valid {path.suffix[1:].upper()} ({first}).") from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SettingsError(f"Config file {path} must hold a mapping of setting: value, not a {type(values).__name__}.")
     return values
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+def _as_flags(values: dict[str, Any], valid: list[str], source: str) -> list[str]:
+    """Config values as command-line tokens, so that they are typed and checked exactly like flags."""
+    unknown = sorted(k for k in values if k.replace("-", "_") not in valid)
+    if unknown:
+        raise SettingsError(f"{source} has unknown settings {unknown}; valid ones: {', '.join(valid)}.")
+    tokens = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        tokens += [f"--{key.replace('-', '_')}", str(value)]
+    return tokens
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per settings field (underscores become dashes), plus ``--config FILE``."""
-    parser.add_argument("--config", help="YAML or TOML file of settings; flags override it")
-    for f in dataclasses.fields(TrainSettings):
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kind = {"int": int, "float": float, "bool": _parse_bool}.get(str(f.type).split("|")[0].strip(), str)
-        # --rank as well as --r: launchers such as torchrun reject the ambiguous prefix "--r"
-        flags = ["--" + f.name.replace("_", "-")] + (["--rank"] if f.name == "r" else [])
-        help_text = f.metadata.get("help", "")
-        if kind is _parse_bool:
-            parser.add_argument(
-                *flags, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None, help=help_text
-            )
-        else:
-            parser.add_argument(
-                *flags, dest=f.name, type=kind, default=None, help=f"{help_text} (default: {default})".strip()
-            )
+def parse(groups: tuple[type, ...], argv: list[str], prog: str, defaults: dict[str, Any] | None = None) -> list[Any]:
+    """Parse ``argv`` (with an optional ``--config FILE`` underneath) into one instance per dataclass in ``groups``."""
+    parser = Parser(groups, prog=prog)
+    parser.add_argument("--config", help="YAML, TOML or JSON file of settings; flags given here override it")
+    if defaults:
+        parser.set_defaults(**defaults)
+    argv = list(argv)
+    file_tokens = []
+    for i, token in enumerate(argv):
+        if token == "--config" or token.startswith("--config="):
+            path = token.split("=", 1)[1] if "=" in token else (argv[i + 1] if i + 1 < len(argv) else None)
+            if path is None:
+                raise SettingsError(f"{prog}: --config needs a file name.")
+            del argv[i : i + (1 if "=" in token else 2)]
+            valid = [f.name for g in groups for f in dataclasses.fields(g)]
+            file_tokens = _as_flags(read_config(path), valid, f"Config file {path}")
+            break
+    parsed = parser.parse_args_into_dataclasses(args=file_tokens + argv)
+    return [p for p in parsed if dataclasses.is_dataclass(p)]
 
 
-def from_args(args: argparse.Namespace) -> TrainSettings:
-    """Defaults, then the config file, then explicit flags."""
-    values = load_file(args.config) if getattr(args, "config", None) else {}
-    for f in dataclasses.fields(TrainSettings):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = given
+def train_settings(
+    argv: list[str], prog: str = "nlora train", extra: tuple[type, ...] = (), defaults: dict | None = None
+) -> tuple[TrainSettings, list[Any]]:
+    """Validated ``TrainSettings`` from flags and an optional config file, and the ``extra`` groups' instances."""
+    parsed = parse(TRAIN_GROUPS + extra, argv, prog, defaults)
+    values = {k: v for g in parsed[: len(TRAIN_GROUPS)] for k, v in dataclasses.asdict(g).items()}
     settings = TrainSettings(**values)
     settings.validate()
-    return settings
+    return settings, parsed[len(TRAIN_GROUPS) :]

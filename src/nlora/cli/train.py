@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_directory
+from ..files import RUN_MARKER, atomic_directory, check_destination
 from .settings import TrainSettings
 
 RUN_CONFIG = "run_config.json"
@@ -26,14 +26,14 @@ class RunError(ValueError):
     """A problem with the user's run settings or files (reported as one line, exit code 2)."""
 
 
-def prepare_output_dir(settings: TrainSettings) -> tuple[Path, str | None]:
-    """Guard the output directory; return it and the checkpoint to resume from (if any)."""
+def check_run_dir(settings: TrainSettings) -> str | None:
+    """Check the output folder without writing anything; return the checkpoint to resume from (if any)."""
     out = Path(settings.output_dir)
-    previous = out / RUN_CONFIG
     if settings.resume:
-        if not previous.exists():
-            raise RunError(f"Cannot resume: {out} holds no run ({RUN_CONFIG} is missing); start it without --resume.")
-        recorded = json.loads(previous.read_text())
+        if not (out / RUN_CONFIG).exists() or not (out / RUN_MARKER).exists():
+            raise RunError(f"Cannot resume: {out} holds no nlora run; start it without --resume.")
+        recorded = json.loads((out / RUN_CONFIG).read_text())
+        recorded.pop("label_names", None)  # derived from the data, not a setting
         current = settings.comparable()
         differing = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
         if differing:
@@ -41,22 +41,55 @@ def prepare_output_dir(settings: TrainSettings) -> tuple[Path, str | None]:
                 f"Cannot resume {out}: it was started with different settings ({', '.join(differing)}); "
                 "resume with the same settings or use another --output-dir."
             )
-        return out, last_complete_checkpoint(out)
-    if out.exists() and any(out.iterdir()):
-        if not settings.overwrite:
-            raise RunError(
-                f"Output directory {out} already holds files of another run; pass --overwrite to replace it, "
-                "--resume to continue it, or choose another --output-dir."
-            )
-        # keep a previous adapter until the new one replaces it atomically; clear the rest
-        for child in out.iterdir():
-            if child.name not in ("adapter", "merged"):
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = previous.with_suffix(".tmp")
-    tmp.write_text(json.dumps(settings.comparable(), indent=2))
-    os.replace(tmp, previous)
-    return out, None
+        return last_complete_checkpoint(out)
+    if check_destination(out, RUN_MARKER, "run", settings.overwrite) and not settings.overwrite:
+        raise RunError(
+            f"{out} holds another nlora run; pass --overwrite to replace it once this run has its adapter, "
+            "--resume to continue it, or choose another --output-dir."
+        )
+    return None
+
+
+class RunFolder:
+    """The output folder, written only once every check has passed. With --overwrite the previous run is moved
+    aside (never deleted) until this run has saved its adapter; if this run fails, it is put back."""
+
+    def __init__(self, settings: TrainSettings, label_names: list[str] | None = None):
+        self.out = Path(settings.output_dir)
+        self.settings, self.label_names = settings, label_names
+        self.previous: Path | None = None
+        self.created = False
+
+    def open(self) -> None:
+        if self.settings.resume:
+            return
+        if self.out.exists() and any(self.out.iterdir()):  # an nlora run: check_run_dir allowed --overwrite
+            self.previous = self.out.with_name(f".{self.out.name}.previous-{os.getpid()}")
+            os.replace(self.out, self.previous)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.created = True
+        (self.out / RUN_MARKER).write_text(json.dumps({"nlora_run": 1}) + "\n")
+        tmp = self.out / (RUN_CONFIG + ".tmp")
+        recorded = self.settings.comparable()
+        if self.label_names:  # class id i is label_names[i] (also the model's id2label)
+            recorded["label_names"] = self.label_names
+        tmp.write_text(json.dumps(recorded, indent=2))
+        os.replace(tmp, self.out / RUN_CONFIG)
+
+    def done(self) -> None:
+        if self.previous is not None:
+            shutil.rmtree(self.previous, ignore_errors=True)
+
+    def failed(self) -> None:
+        """A crash: remove what this run wrote and put the previous run back."""
+        if self.created:
+            shutil.rmtree(self.out, ignore_errors=True)
+            if self.previous is not None:
+                os.replace(self.previous, self.out)
+
+    def interrupted(self) -> None:
+        if self.previous is not None:
+            print(f"nlora: the previous run stays in {self.previous} until this one completes.", file=sys.stderr)
 
 
 def last_complete_checkpoint(out: Path) -> str | None:
@@ -69,42 +102,20 @@ def last_complete_checkpoint(out: Path) -> str | None:
     return str(max(complete)[1]) if complete else None
 
 
-def load_model_and_tokenizer(settings: TrainSettings):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def tokenize(settings: TrainSettings, tokenizer, train_rows, eval_rows) -> tuple[list[dict], list[dict]]:
+    """Tokenised training and held-out examples of the task."""
+    from .data import tokenize_classification, tokenize_sft
 
-    from .assets import resolve_model
-
-    path = resolve_model(settings.model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
-    except OSError as err:
-        raise RunError(
-            f"Model '{settings.model}' could not be loaded ({err}); give a local folder or an offline name."
-        ) from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if settings.task == "sft":
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, trust_remote_code=settings.trust_remote_code
-        )
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=settings.num_labels, dtype=torch.float32, trust_remote_code=settings.trust_remote_code
-        )
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    encode = tokenize_sft if settings.task == "sft" else tokenize_classification
+    return encode(train_rows, tokenizer, settings), encode(eval_rows, tokenizer, settings)
 
 
-def build_trainer(settings: TrainSettings, model, tokenizer, train_rows, eval_rows, callbacks):
+def build_trainer(settings: TrainSettings, model, tokenizer, train_set, eval_set, callbacks):
     import torch
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from .data import tokenize_classification, tokenize_sft
-    from .evaluate import classification_metrics
+    from .metrics import classification_metrics
 
-    tokenize = tokenize_sft if settings.task == "sft" else tokenize_classification
-    train_set, eval_set = tokenize(train_rows, tokenizer, settings), tokenize(eval_rows, tokenizer, settings)
     if settings.task == "sft":
         collator, compute_metrics = DataCollatorForSeq2Seq(tokenizer, padding=True), None
     else:
@@ -149,42 +160,92 @@ def build_trainer(settings: TrainSettings, model, tokenizer, train_rows, eval_ro
     )
 
 
+def check_ranks(model, config) -> None:
+    """Every method, stock LoRA and PiSSA included: the rank must fit each targeted module."""
+    from ..layer import weight_shape
+    from ..model import targeted_modules
+
+    targets = targeted_modules(model, config)
+    if not targets:
+        wanted = config.target_modules
+        wanted = ",".join(sorted(wanted)) if isinstance(wanted, (set, list, tuple)) else wanted
+        raise RunError(f"--target-modules {wanted} matches no module of the model; check the module names.")
+    for key, (base, r) in targets.items():
+        if getattr(base, "weight", None) is None or base.weight.dim() != 2:
+            continue
+        out_f, in_f = weight_shape(base)
+        if r > min(out_f, in_f):
+            raise RunError(
+                f"Rank {r} is too large for module '{key}' ({out_f}x{in_f}); use --rank {min(out_f, in_f)} or less."
+            )
+
+
 def run_train(settings: TrainSettings) -> dict[str, Any]:
-    """Fine-tune, evaluate before/after on the held-out set, save the adapter (and merged model); return a summary."""
+    """Fine-tune, evaluate before/after on the held-out set, save the adapter (and merged model); return a summary.
+
+    Model, data, targets, ranks and the output folder are all checked before anything is written, so a failed
+    run leaves no trace and its fixed retry starts clean.
+    """
     import torch
     from accelerate import PartialState
     from peft import get_peft_model
     from transformers import set_seed
 
-    from .callbacks import GracefulInterrupt, MetricsLogger, peak_memory_mb
     from .data import train_and_eval_rows
     from .methods import peft_config
+    from .models import load_model
 
     settings.validate()
     # sets up torch.distributed under torchrun / accelerate launch (gloo when there is no GPU)
     state = PartialState(cpu=not torch.cuda.is_available())
-    if state.is_main_process:  # one process guards and prepares the output directory
-        out, resume_from = prepare_output_dir(settings)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        out = Path(settings.output_dir)
-        resume_from = last_complete_checkpoint(out) if settings.resume else None
+    out = Path(settings.output_dir)
+    resume_from = check_run_dir(settings)
     set_seed(settings.seed)
-    train_rows, eval_rows = train_and_eval_rows(settings)
-    model, tokenizer = load_model_and_tokenizer(settings)
-
+    train_rows, eval_rows, label_names = train_and_eval_rows(settings)
+    model, tokenizer = load_model(
+        settings.model, settings.task, settings.num_labels, settings.trust_remote_code, label_names=label_names,
+        trainable=True,
+    )  # fmt: skip
+    config = peft_config(settings)
+    check_ranks(model, config)
     started = time.perf_counter()
     try:
-        model = get_peft_model(model, peft_config(settings))
+        model = get_peft_model(model, config)
     except ValueError as err:
         raise RunError(str(err)) from err
     init_seconds = time.perf_counter() - started
     trainable, total = model.get_nb_trainable_parameters()
+    train_set, eval_set = tokenize(settings, tokenizer, train_rows, eval_rows)
+
+    # every check passed: from here on the run writes
+    folder = RunFolder(settings, label_names)
+    if state.is_main_process:
+        folder.open()
+    state.wait_for_everyone()
+    try:
+        summary = _train(settings, state, model, tokenizer, train_set, eval_set, resume_from, out)
+    except KeyboardInterrupt:
+        folder.interrupted()
+        raise
+    except BaseException:
+        if state.is_main_process:
+            folder.failed()
+        raise
+    summary.update(init_seconds=init_seconds, trainable_params=trainable, total_params=total,
+                   label_names=label_names)  # fmt: skip
+    if state.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        folder.done()
+    return summary
+
+
+def _train(settings, state, model, tokenizer, train_set, eval_set, resume_from, out: Path) -> dict[str, Any]:
+    from .callbacks import GracefulInterrupt, MetricsLogger, peak_memory_mb
 
     resume_step = int(resume_from.rsplit("-", 1)[-1]) if resume_from else 0
     metrics = MetricsLogger(out / "metrics.jsonl", resume_step=resume_step, writer=state.is_main_process)
     interrupt = GracefulInterrupt()
-    trainer = build_trainer(settings, model, tokenizer, train_rows, eval_rows, [metrics, interrupt])
+    trainer = build_trainer(settings, model, tokenizer, train_set, eval_set, [metrics, interrupt])
     before = trainer.evaluate(metric_key_prefix="before") if settings.eval_before and not resume_from else {}
 
     interrupt.install()
@@ -203,9 +264,6 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
         "model": settings.model,
         "data": settings.data,
         "seed": settings.seed,
-        "trainable_params": trainable,
-        "total_params": total,
-        "init_seconds": init_seconds,
         "steps": trainer.state.global_step,
         "train_loss": _last_logged(trainer, "loss"),
         "step_seconds_median": statistics.median(metrics.step_seconds) if metrics.step_seconds else math.nan,
@@ -222,8 +280,23 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
             with atomic_directory(out / "merged") as tmp:
                 model.merge_and_unload().save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def print_summary(summary: dict, output_dir: str) -> None:
+    """The before/after numbers of a run, for the terminal."""
+    keys = [k for k in summary if k.startswith(("before_", "after_"))]
+    print(
+        f"\nnlora: {summary['method']} on {summary['data']}: {summary['trainable_params']:,} trainable parameters, "
+        f"init {summary['init_seconds']:.2f} s, {summary['steps']} steps"
+    )
+    skip = {"runtime", "samples_per_second", "steps_per_second", "model_preparation_time"}
+    for name in sorted({k.split("_", 1)[1] for k in keys} - skip):
+        before, after = summary.get(f"before_{name}"), summary.get(f"after_{name}")
+        if after is not None:
+            first = f"{before:.4f} -> " if before is not None else ""
+            print(f"  held-out {name}: {first}{after:.4f}")
+    print(f"  adapter: {output_dir}/adapter   metrics: {output_dir}/metrics.jsonl   summary: {output_dir}/summary.json")
 
 
 def _last_logged(trainer, key: str) -> float:
