@@ -42,6 +42,10 @@ def load_tokenizer(path: str, adapter: str | None = None, trust_remote_code: boo
     return tokenizer
 
 
+def _ids(names: list[str]) -> list[tuple[str, int]]:
+    return [(name, i) for i, name in enumerate(names)]
+
+
 def load_model(
     model: str | None,
     task: str = "sft",
