@@ -67,6 +67,8 @@ def load_model(
 
     from .assets import resolve_model
 
+    if adapter:
+        adapter_config(adapter)  # a folder that is not an adapter: one sentence, before any model is loaded
     name = base_model_name(model, adapter)
     path = resolve_model(name)
     try:

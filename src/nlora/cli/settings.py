@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -234,6 +235,7 @@ class Parser(HfArgumentParser):
     """``HfArgumentParser`` whose errors are exceptions (printed as one line by ``nlora``), not usage dumps."""
 
     def error(self, message: str):
+        message = re.sub(r"--\w+/(--[\w-]+)", r"\1", message)  # "--max_steps/--max-steps" -> "--max-steps"
         raise SettingsError(f"{self.prog.removeprefix('nlora ')}: {message}")
 
 

@@ -1,0 +1,232 @@
+"""The command line never loses a file and checks everything before it writes (each case runs ``python -m nlora``
+in a subprocess: exit code, the one error line, and the folders' content before and after)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli_fixtures import arithmetic_rows, make_tiny_model, sentiment_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("safety")
+    model = make_tiny_model(root / "tiny-llama")
+    sft = write_jsonl(root / "arith.jsonl", arithmetic_rows(40))
+    run = root / "run"
+    rc, _, err = nlora("train", *train_args(model, sft, run))
+    assert rc == 0, err
+    return {"model": str(model), "sft": str(sft), "run": run, "root": root}
+
+
+def train_args(model, data, out, *extra):
+    return ["--model", str(model), "--data", str(data), "--output-dir", str(out), "--max-steps", "2", "--r", "4",
+            "--save-steps", "0", "--max-eval-samples", "4", "--eval-before", "false", *extra]  # fmt: skip
+
+
+def nlora(*args) -> tuple[int, str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "nlora", *map(str, args)], capture_output=True, text=True, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def one_line_error(rc: int, err: str, *fragments: str) -> None:
+    """Exit code 2 and one ``nlora: error:`` line holding every fragment, no traceback."""
+    assert rc == 2, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("nlora: error: ")]
+    assert len(line) == 1, err[-2000:]
+    for fragment in fragments:
+        assert fragment in line[0], line[0]
+
+
+def content(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def user_folder(path: Path) -> Path:
+    (path / "src").mkdir(parents=True)
+    (path / "src" / "main.py").write_text("print('mine')\n")
+    (path / "notes.txt").write_text("my notes\n")
+    return path
+
+
+# --- exports ------------------------------------------------------------------------------------------------------
+def test_export_refuses_a_user_folder_and_the_source_adapter(assets, tmp_path):
+    adapter = assets["run"] / "adapter"
+    before = content(adapter)
+    mine = user_folder(tmp_path / "mine")
+    for out in (mine, adapter, adapter / "lora"):
+        rc, _, err = nlora("export", "--adapter", adapter, "--out", out)
+        one_line_error(rc, err, str(out))
+    assert content(mine) == {"notes.txt": b"my notes\n", "src/main.py": b"print('mine')\n"}
+    assert content(adapter) == before
+
+    rc, _, err = nlora("export", "--adapter", adapter, "--out", mine, "--overwrite")  # asked for: replaced
+    assert rc == 0, err
+    assert not (mine / "notes.txt").exists() and (mine / "adapter_model.safetensors").exists()
+    rc, _, err = nlora("export", "--adapter", adapter, "--out", mine, "--merged")  # an export of ours: replaced
+    assert rc == 0, err
+    assert (mine / "model.safetensors").exists() and not (mine / "adapter_model.safetensors").exists()
+
+
+def test_export_of_a_stock_lora_adapter_or_a_non_adapter_folder_is_refused(assets, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora = tmp_path / "lora"
+    base = AutoModelForCausalLM.from_pretrained(assets["model"])
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(lora)
+    rc, _, err = nlora("export", "--model", assets["model"], "--adapter", lora, "--out", tmp_path / "x")
+    one_line_error(rc, err, "is a LORA adapter, not an NLoRA one")
+    rc, _, err = nlora("export", "--adapter", assets["root"], "--out", tmp_path / "x")
+    one_line_error(rc, err, "is not an adapter directory")
+    rc, _, err = nlora("eval", "--adapter", assets["root"], "--model", assets["model"])
+    one_line_error(rc, err, "is not an adapter directory")
+    assert not (tmp_path / "x").exists()
+
+
+def test_eval_and_export_of_an_adapter_without_tokenizer_files_use_the_base_tokenizer(assets, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # what save_pretrained alone writes
+        (bare / name).write_bytes((assets["run"] / "adapter" / name).read_bytes())
+    rc, _, err = nlora("eval", "--adapter", bare, "--model", assets["model"], "--data", assets["sft"], "--limit", "2",
+                       "--max-new-tokens", "4", "--output-dir", tmp_path / "eval")  # fmt: skip
+    assert rc == 0, err[-2000:]
+    rc, _, err = nlora("export", "--adapter", bare, "--model", assets["model"], "--out", tmp_path / "exported")
+    assert rc == 0, err[-2000:]
+
+
+def test_export_lora_api_refuses_a_user_folder(assets, tmp_path):
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import nlora
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), assets["run"] / "adapter")
+    mine = user_folder(tmp_path / "mine")
+    with pytest.raises(FileExistsError, match="is not empty and is not an nlora export"):
+        nlora.export_lora(model, mine)
+    assert (mine / "notes.txt").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nlora.export_lora(model, tmp_path / "new")
+        nlora.export_lora(model, tmp_path / "new")  # replacing an earlier export needs no flag
+
+
+# --- training runs ------------------------------------------------------------------------------------------------
+def test_overwrite_never_touches_a_folder_that_is_not_a_run(assets, tmp_path):
+    mine = user_folder(tmp_path / "mine")
+    for extra in ((), ("--overwrite",)):
+        rc, _, err = nlora("train", *train_args(assets["model"], assets["sft"], mine, *extra))
+        one_line_error(rc, err, "is not an nlora run folder")
+        assert content(mine) == {"notes.txt": b"my notes\n", "src/main.py": b"print('mine')\n"}
+
+
+def test_overwrite_keeps_the_previous_run_until_the_new_adapter_exists(assets, tmp_path):
+    run = tmp_path / "run"
+    assert nlora("train", *train_args(assets["model"], assets["sft"], run))[0] == 0
+    before = content(run)
+    rc, _, err = nlora("train", *train_args(assets["model"], assets["sft"], run, "--overwrite", "--r", "500"))
+    one_line_error(rc, err, "Rank 500 is too large")
+    assert content(run) == before  # a refused overwrite changes nothing
+    rc, _, err = nlora("train", *train_args(assets["model"], assets["sft"], run, "--overwrite", "--seed", "1"))
+    assert rc == 0, err[-2000:]
+    assert json.loads((run / "run_config.json").read_text())["seed"] == 1
+    assert not list(tmp_path.glob(".run.previous-*")), "the previous run is removed once the new one is complete"
+
+
+BAD_DATA = {
+    "empty.jsonl": b"",
+    "malformed.jsonl": b'{"question": "1+1", "answer": "2"}\n{"question": \n',
+    "latin1.jsonl": '{"question": "caf\u00e9?", "answer": "2"}\n'.encode("latin-1"),
+    "one-row.jsonl": b'{"question": "1+1", "answer": "2"}\n',
+    "no-answer.jsonl": b'{"question": "1+1"}\n{"question": "2+2", "answer": "4"}\n',
+}
+
+
+@pytest.mark.parametrize(
+    "case,fragments",
+    [
+        (lambda p, a: ["--data", p / "empty.jsonl"], ["has no rows"]),
+        (lambda p, a: ["--data", p / "malformed.jsonl"], ["malformed.jsonl could not be read"]),
+        (lambda p, a: ["--data", p / "latin1.jsonl"], ["latin1.jsonl is not UTF-8 text"]),
+        (lambda p, a: ["--data", p / "one-row.jsonl"], ["too few to split off a held-out set"]),
+        (lambda p, a: ["--data", p / "no-answer.jsonl"], ["has no value for 'answer'"]),
+        (lambda p, a: ["--data", p], ["is a folder; give a .json/.jsonl/.csv/.parquet file"]),
+        (lambda p, a: ["--response-field", "solution"], ["Field 'solution' is not a column"]),
+        (lambda p, a: ["--target-modules", "nope"], ["--target-modules nope matches no module"]),
+        (lambda p, a: ["--rank", "500"], ["Rank 500 is too large"]),
+        (lambda p, a: ["--rank", "500", "--method", "lora"], ["Rank 500 is too large"]),
+        (lambda p, a: ["--rank", "500", "--method", "pissa"], ["Rank 500 is too large"]),
+        (lambda p, a: ["--learning-rate", "-1"], ["--learning-rate must be a positive number"]),
+        (lambda p, a: ["--max-steps", "0"], ["--max-steps must be a positive number of steps or -1"]),
+        (lambda p, a: ["--eval-fraction", "1.5"], ["--eval-fraction must lie strictly between 0 and 1"]),
+        (lambda p, a: ["--lr-scheduler-type", "wavy"], ["argument --lr-scheduler-type: invalid choice: 'wavy'"]),
+        (lambda p, a: ["--nystrom-core", "magic"], ["argument --nystrom-core: invalid choice: 'magic'"]),
+        (lambda p, a: ["--max-steps", "many"], ["argument --max-steps: invalid int value: 'many'"]),
+        (lambda p, a: ["--config", p / "broken.yaml"], ["broken.yaml is not valid YAML"]),
+        (lambda p, a: ["--config", p / "broken.toml"], ["broken.toml is not valid TOML"]),
+        (lambda p, a: ["--config", p / "unknown.yaml"], ["unknown settings ['rank_of_adapter']", "valid ones:"]),
+    ],
+    ids=["empty", "malformed", "non-utf8", "one-row", "missing-value", "folder-as-data", "missing-column",
+         "bad-target", "rank-nlora", "rank-lora", "rank-pissa", "negative-lr", "zero-steps", "eval-fraction",
+         "scheduler", "core", "non-int", "broken-yaml", "broken-toml", "unknown-key"],
+)  # fmt: skip
+def test_a_failed_run_leaves_no_trace(assets, tmp_path, case, fragments):
+    for name, data in BAD_DATA.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "broken.yaml").write_text("r: [8\nmethod: nlora\n")
+    (tmp_path / "broken.toml").write_text("r = = 8\n")
+    (tmp_path / "unknown.yaml").write_text("rank_of_adapter: 3\n")
+    out = tmp_path / "out"
+    rc, _, err = nlora("train", *train_args(assets["model"], assets["sft"], out, *case(tmp_path, assets)))
+    one_line_error(rc, err, *fragments)
+    assert not out.exists(), "a failed run must not leave files behind"
+
+
+def test_the_fixed_retry_of_a_failed_run_starts_clean(assets, tmp_path):
+    out = tmp_path / "out"
+    rc, _, err = nlora("train", *train_args(assets["model"], assets["sft"], out, "--rank", "500"))
+    one_line_error(rc, err, "Rank 500 is too large")
+    rc, _, err = nlora("train", *train_args(assets["model"], assets["sft"], out))
+    assert rc == 0, err[-2000:]
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / ".nlora-run").exists()
+
+
+def test_output_dir_that_is_a_file_and_compare_output_dir(assets, tmp_path):
+    target = tmp_path / "a-file"
+    target.write_text("keep me\n")
+    rc, _, err = nlora("train", *train_args(assets["model"], assets["sft"], target))
+    one_line_error(rc, err, "is a file, not a folder")
+    assert target.read_text() == "keep me\n"
+    out = tmp_path / "cmp"
+    rc, _, err = nlora("compare", *train_args(assets["model"], assets["sft"], out), "--methods", "lora,nlora")
+    assert rc == 0, err[-2000:]
+    assert (out / "compare.md").exists() and (out / "compare.png").exists()
+
+
+def test_string_labels_are_mapped_to_sorted_ids(assets, tmp_path):
+    names = {0: "negative", 1: "positive"}
+    data = write_jsonl(tmp_path / "cls.jsonl", [{**r, "label": names[r["label"]]} for r in sentiment_rows(40)])
+    out = tmp_path / "cls"
+    args = train_args(assets["model"], data, out, "--task", "classification")
+    rc, _, err = nlora("train", *args)
+    assert rc == 0, err[-2000:]
+    assert json.loads((out / "run_config.json").read_text())["label_names"] == ["negative", "positive"]
+    rc, _, err = nlora("export", "--adapter", out / "adapter", "--model", assets["model"], "--out", tmp_path / "m",
+                       "--merged")  # fmt: skip
+    assert rc == 0, err[-2000:]
+    rc, _, err = nlora("train", *train_args(assets["model"], data, tmp_path / "three", "--task", "classification",
+                                            "--num-labels", "3"))  # fmt: skip
+    one_line_error(rc, err, "have 2 names ['negative', 'positive'] but --num-labels is 3")
+    numbers = write_jsonl(tmp_path / "n.jsonl", [{"text": "a film", "label": 7}] * 20)
+    rc, _, err = nlora("train", *train_args(assets["model"], numbers, tmp_path / "n", "--task", "classification"))
+    one_line_error(rc, err, "Label 7 in 'label' is not a class id in 0..1")
