@@ -31,8 +31,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def make_tiny_model(directory: Path) -> Path:
-    """A 2-layer Llama (causal LM; also loads as a sequence classifier) with a byte-level BPE tokenizer."""
+def make_tiny_model(directory: Path, hidden: int = 32) -> Path:
+    """A 2-layer Llama (causal LM; also loads as a sequence classifier) with a byte-level BPE tokenizer.
+
+    bitsandbytes' CPU 4-bit kernels need in_features >= 64 (one quantisation block): use ``hidden=64`` for them.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -53,8 +56,8 @@ def make_tiny_model(directory: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -13,6 +13,7 @@ register_peft_type(NLoraPeftType.NLORA, NLoraConfig, NLoraModel, prefix="lora_")
 from .distributed import broadcast_init_state  # noqa: E402
 from .export import convert_reference_checkpoint, export_lora  # noqa: E402
 from .report import init_report  # noqa: E402
+from .residual_model import save_residual_model  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,5 @@ __all__ = [
     "convert_reference_checkpoint",
     "export_lora",
     "init_report",
+    "save_residual_model",
 ]

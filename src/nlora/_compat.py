@@ -30,7 +30,7 @@ from peft.tuners.tuners_utils import (  # noqa: E402
     _maybe_include_all_linear_layers,
     check_target_module_exists,
 )
-from peft.utils.integrations import gather_params_ctx  # noqa: E402
+from peft.utils.integrations import gather_params_ctx, get_bnb_param_type  # noqa: E402
 from peft.utils.other import transpose  # noqa: E402
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "LoraModel",
     "LoraVariant",
     "check_target_module_exists",
+    "get_bnb_param_type",
     "freeze_peft_weight",
     "gather_params_ctx",
     "register_peft_type",

@@ -98,6 +98,13 @@ class NLoraConfig(LoraConfig):
         default="nystrom",
         metadata={"help": "'zero' starts N at 0 (model unchanged, W untouched, N still gets gradients)."},
     )
+    quantized_residual: Literal["keep", "requantize"] = field(
+        default="keep",
+        metadata={
+            "help": "bitsandbytes 4/8-bit bases with residual=True: 'keep' leaves the quantised weights untouched "
+            "and starts N at zero; 'requantize' (QNLoRA) makes the base quantise(W - s*B*N*A)."
+        },
+    )
     train_intermediate_only: bool = field(
         default=False, metadata={"help": "IntTune: train only lora_N (r*r per layer); A and B stay frozen."}
     )
@@ -130,6 +137,10 @@ class NLoraConfig(LoraConfig):
             raise ValueError(f"NLoraConfig: nystrom_oversample must be >= 0, got {self.nystrom_oversample}.")
         if self.nystrom_oversample > 0 and not self.nystrom_orthonormal:
             raise ValueError("NLoraConfig: nystrom_oversample > 0 needs nystrom_orthonormal=True; set one of them.")
+        if self.quantized_residual not in ("keep", "requantize"):
+            raise ValueError(
+                f"NLoraConfig: quantized_residual must be 'keep' or 'requantize', got {self.quantized_residual!r}."
+            )
         if self.intermediate_init not in ("nystrom", "zero"):
             raise ValueError(
                 f"NLoraConfig: intermediate_init must be 'nystrom' or 'zero', got {self.intermediate_init!r}."

@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from . import nystrom
-from ._compat import LoraEmbedding, LoraLayer, freeze_peft_weight, gather_params_ctx
+from ._compat import (
+    LoraEmbedding,
+    LoraLayer,
+    freeze_peft_weight,
+    gather_params_ctx,
+    get_bnb_param_type,
+)
 from .config import NLoraConfig
 from .variants import SLoraEmbeddingVariant, SLoraLinearVariant, embedding_mixed_batch_forward
 
@@ -41,8 +47,48 @@ def weight_matrix(base_layer: nn.Module) -> torch.Tensor:
     return base_layer.weight
 
 
+def quantized(base_layer: nn.Module) -> str | None:
+    """ "4bit" or "8bit" for a bitsandbytes layer, else None."""
+    weight = getattr(base_layer, "weight", None)
+    return get_bnb_param_type(weight) if weight is not None else None
+
+
+def dense_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The ``out x in`` weight as a float tensor: :func:`weight_matrix`, or the dequantised bitsandbytes weight
+    (never its packed bytes)."""
+    kind = quantized(base_layer)
+    if kind == "4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(base_layer.weight.data, base_layer.weight.quant_state).float()
+    if kind == "8bit":  # not PEFT's dequantize_module_weight: it re-assigns the weight and loses its int8 state
+        import bitsandbytes as bnb
+
+        scales = getattr(base_layer.state, "SCB", None)
+        scales = base_layer.weight.SCB if scales is None else scales
+        return bnb.functional.int8_vectorwise_dequant(base_layer.weight.data, scales).float()
+    return weight_matrix(base_layer)
+
+
+def _requantize(base_layer: nn.Module, dense: torch.Tensor) -> None:
+    """Replace a bitsandbytes weight by the quantisation of ``dense`` (as PEFT's OLoRA init does)."""
+    old = base_layer.weight
+    if quantized(base_layer) == "4bit":
+        new = old.__class__(dense.to(old.quant_state.dtype if old.quant_state else torch.float32).cpu(),
+                            requires_grad=False, quant_type=old.quant_type, quant_storage=old.quant_storage,
+                            compress_statistics=old.compress_statistics, module=old.module)  # fmt: skip
+    else:
+        new = old.__class__(dense.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=old.has_fp16_weights)
+        base_layer.state.reset_grads()  # the old int8 scales belong to the old weight
+        base_layer.state.SCB = None
+    base_layer.weight = new.to(old.device)
+
+
 def weight_shape(base_layer: nn.Module) -> tuple[int, int]:
-    """``(out, in)`` of :func:`weight_matrix`, also for a DeepSpeed ZeRO-3 partitioned weight (local shape (0,))."""
+    """``(out, in)`` of :func:`weight_matrix`, also for a DeepSpeed ZeRO-3 partitioned weight (local shape (0,))
+    and a bitsandbytes layer (packed weight)."""
+    if quantized(base_layer):
+        return base_layer.out_features, base_layer.in_features
     weight = base_layer.weight
     shape = tuple(getattr(weight, "ds_shape", weight.shape))
     transposed = isinstance(base_layer, nn.Embedding) or type(base_layer).__name__ == "Conv1D"
@@ -87,7 +133,7 @@ def _initial_factors(module: LoraLayer, adapter: str, config: NLoraConfig, key: 
     if init in ("nlora", "nlora_reference"):
         base = module.get_base_layer()
         with gather_params_ctx(base.weight):  # ZeRO-3: gather the full weight (init is deterministic on every rank)
-            w = weight_matrix(base)
+            w = dense_weight(base)
             if init == "nlora_reference":
                 factors = nystrom.reference_factors(w, r)
             else:
@@ -157,7 +203,10 @@ def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str,
 
     if untie:
         _untie(module, adapter)
-    if config.uses_residual:
+    if config.uses_residual and quantized(module.get_base_layer()) and config.quantized_residual == "keep":
+        # the 4-bit/8-bit weights stay as they are: N starts at zero, so the step-0 output is the quantised model's
+        _assign(module, "lora_N", adapter, torch.zeros_like(factors.N), materialize=False)
+    elif config.uses_residual:
         _subtract_residual(module, adapter, factors)
     if config.train_intermediate_only:
         _freeze_factors(module, adapter)
@@ -185,7 +234,7 @@ def _subtract_residual(module: LoraLayer, adapter: str, factors: nystrom.Factors
     base = module.get_base_layer()
     scaling = module.scaling[adapter]
     with gather_params_ctx(base.weight, modifier_rank=0), torch.no_grad():
-        w = weight_matrix(base)
+        w = dense_weight(base)
         residual = w.float()  # the weight itself when it is fp32: updated in place, no extra copy
         norm_sq = torch.linalg.matrix_norm(residual).item() ** 2
         device = residual.device
@@ -196,7 +245,9 @@ def _subtract_residual(module: LoraLayer, adapter: str, factors: nystrom.Factors
             error_sq = torch.linalg.matrix_norm(residual).item() ** 2
         module.nlora_init_error = getattr(module, "nlora_init_error", {})
         module.nlora_init_error[adapter] = (error_sq / max(norm_sq, 1e-30)) ** 0.5
-        if residual.data_ptr() != w.data_ptr():
+        if quantized(base):  # QNLoRA: the base becomes quantise(W - s B N A)
+            _requantize(base, residual)
+        elif residual.data_ptr() != w.data_ptr():
             w.copy_(residual)
     module.nlora_initial = getattr(module, "nlora_initial", {})
     module.nlora_initial[adapter] = (factors, scaling)
@@ -214,8 +265,10 @@ def restore_base(module: LoraLayer, adapter: str) -> None:
         return
     factors, scaling = initial
     with gather_params_ctx(base.weight, modifier_rank=0), torch.no_grad():
-        w = weight_matrix(base)
+        w = dense_weight(base)
         w32 = w.float()
         w32.addmm_(factors.B.to(w32.device), (factors.N @ factors.A).to(w32.device), alpha=scaling)
-        if w32.data_ptr() != w.data_ptr():
+        if quantized(base):  # re-quantised: close to, not bit-equal with, the original quantised weight
+            _requantize(base, w32)
+        elif w32.data_ptr() != w.data_ptr():
             w.copy_(w32)

@@ -18,10 +18,18 @@ from ._compat import (
 )
 from .config import NYSTROM_INITS, NLoraConfig
 from .distributed import distributed_ready
-from .layer import FINGERPRINT_SUFFIX, factor_names, init_adapter, restore_base, weight_matrix, weight_shape
+from .layer import (
+    FINGERPRINT_SUFFIX,
+    dense_weight,
+    factor_names,
+    init_adapter,
+    quantized,
+    restore_base,
+    weight_shape,
+)
 
 _BASE_PREFIX = "base_model.model."
-_QUANTIZED_MODULE_HINTS = ("bitsandbytes", "hqq", "auto_gptq", "gptqmodel", "awq", "torchao", "eetq", "aqlm", "optimum")
+_QUANTIZED_MODULE_HINTS = ("hqq", "auto_gptq", "gptqmodel", "awq", "torchao", "eetq", "aqlm", "optimum", "bitsandbytes")
 
 
 def _supported_base_types() -> tuple[type, ...]:
@@ -34,14 +42,15 @@ def check_target(key: str, base_layer: nn.Module, config: NLoraConfig, r: int) -
     """Raise a one-sentence error if NLoRA cannot adapt ``base_layer`` (at ``key``) with rank ``r``."""
     kind = type(base_layer).__name__
     weight = getattr(base_layer, "weight", None)
-    quantized = any(h in type(base_layer).__module__ for h in _QUANTIZED_MODULE_HINTS) or (
-        weight is not None and not weight.dtype.is_floating_point
+    other_quantizer = not quantized(base_layer) and (
+        any(h in type(base_layer).__module__ for h in _QUANTIZED_MODULE_HINTS)
+        or (weight is not None and not weight.dtype.is_floating_point)
     )
-    if quantized:
+    if other_quantizer:
         raise ValueError(
-            f"NLoRA cannot adapt module '{key}': its {kind} weight is quantised or integer "
-            f"({getattr(weight, 'dtype', 'unknown dtype')}); load the base model in fp32/bf16 to create the adapter "
-            "(save it, then quantise the residual model), or use peft.LoraConfig for QLoRA."
+            f"NLoRA cannot adapt module '{key}': its {kind} weight is quantised by a library nlora does not support "
+            f"({type(base_layer).__module__}); quantise with bitsandbytes (4-bit or 8-bit) instead, or load the base "
+            "model in fp32/bf16."
         )
     if not isinstance(base_layer, _supported_base_types()):
         raise ValueError(
@@ -62,7 +71,7 @@ def check_target(key: str, base_layer: nn.Module, config: NLoraConfig, r: int) -
         )
     if config.train_intermediate_only and weight.device.type != "meta":
         with gather_params_ctx(weight, modifier_rank=None):  # ZeRO-3: read the full weight
-            w = weight_matrix(base_layer)
+            w = dense_weight(base_layer)
             if config.init_lora_weights == "nlora_reference":
                 zero = not w[:, :r].any() or not w[:r, :].any()
             else:

@@ -42,6 +42,35 @@ def load_tokenizer(path: str, adapter: str | None = None, trust_remote_code: boo
     return tokenizer
 
 
+def keep_trainable_on_cpu(model):
+    """Stop bitsandbytes' CPU 4-bit layers from repacking their weights for inference.
+
+    bitsandbytes 0.50 repacks a CPU ``Linear4bit`` weight at its first forward in eval mode (Trainer's evaluation
+    before training does that); backward through a repacked layer then gives no input gradient, so every adapter
+    below it silently stops learning (seen here: 6 of 18 adapter tensors moved). Inference is slower without it.
+    """
+    for module in model.modules():
+        if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(
+            module, "support_avx512bf16_for_cpu"
+        ):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _quantized(kind: str) -> dict:
+    """from_pretrained arguments of a bitsandbytes quantisation ("none": none)."""
+    if kind == "none":
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.float32)
+    return {"quantization_config": config, "device_map": "cpu" if not torch.cuda.is_available() else {"": 0}}
+
+
 def _ids(names: list[str]) -> list[tuple[str, int]]:
     return [(name, i) for i, name in enumerate(names)]
 
@@ -54,11 +83,13 @@ def load_model(
     adapter: str | None = None,
     label_names: list[str] | None = None,
     trainable: bool = False,
+    quantization: str = "none",
 ):
     """Base model (offline alias, folder or hub name) in fp32, plus ``adapter`` if given, and its tokenizer.
 
     ``task`` is "sft" (a causal LM) or "classification" (a sequence classifier with ``num_labels`` outputs, named by
-    ``label_names`` when the data's labels are strings).
+    ``label_names`` when the data's labels are strings). ``quantization`` ("nf4", "fp4", "int8") loads the base
+    through bitsandbytes.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -73,8 +104,9 @@ def load_model(
     path = resolve_model(name)
     try:
         tokenizer = load_tokenizer(path, adapter, trust_remote_code)
+        loading = {"dtype": torch.float32, "trust_remote_code": trust_remote_code, **_quantized(quantization)}
         if task == "sft":
-            base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+            base = AutoModelForCausalLM.from_pretrained(path, **loading)
         else:
             names = {}
             if label_names:
@@ -82,19 +114,15 @@ def load_model(
                     "id2label": dict(enumerate(label_names)),
                     "label2id": {n: i for i, n in enumerate(label_names)},
                 }
-            base = AutoModelForSequenceClassification.from_pretrained(
-                path,
-                num_labels=num_labels,
-                dtype=torch.float32,
-                trust_remote_code=trust_remote_code,
-                **names,
-            )
+            base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **loading, **names)
             base.config.pad_token_id = tokenizer.pad_token_id
     except OSError as err:
         first = str(err).strip().splitlines()[0]
         raise ValueError(
             f"Model '{name}' could not be loaded ({first}); give a local folder or an offline name."
         ) from err
+    if quantization != "none":
+        keep_trainable_on_cpu(base)
     if adapter:
         from peft import PeftModel
 

@@ -48,6 +48,15 @@ class ModelSettings:
     )
     num_labels: int = field(default=2, metadata={"help": "classification classes (1 = regression)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with a hub model"})
+    quantization: Literal["none", "nf4", "fp4", "int8"] = field(
+        default="none",
+        metadata={
+            "help": "bitsandbytes base: nf4/fp4 (4-bit, QLoRA-style) or int8; nlora/inttune with a residual first "
+            "decompose the full-precision weights and train on the quantised residual model (QNLoRA)"
+        },
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "shorthand for --quantization nf4"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "shorthand for --quantization int8"})
 
 
 @dataclass
@@ -159,6 +168,17 @@ class TrainSettings(OutputSettings, OptimSettings, AdapterSettings, DataSettings
             )
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise SettingsError(f"--lora-alpha must be positive, got {self.lora_alpha}.")
+        shorthand = {"nf4": self.load_in_4bit, "int8": self.load_in_8bit}
+        asked = [kind for kind, on in shorthand.items() if on]
+        if len(asked) > 1 or (asked and self.quantization not in ("none", asked[0])):
+            raise SettingsError("Give one quantisation: --load-in-4bit, --load-in-8bit or --quantization.")
+        if asked:
+            self.quantization, self.load_in_4bit, self.load_in_8bit = asked[0], False, False
+        if self.quantization != "none" and self.method == "pissa":
+            raise SettingsError(
+                "PiSSA needs full-precision weights (PEFT refuses quantised ones); use --method nlora, whose residual "
+                "is computed in full precision before quantising (QNLoRA), or --method lora (QLoRA)."
+            )
         if self.resume and self.overwrite:
             raise SettingsError("--resume continues a run and --overwrite replaces it; pass only one of them.")
 

@@ -202,19 +202,21 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
     resume_from = check_run_dir(settings)
     set_seed(settings.seed)
     train_rows, eval_rows, label_names = train_and_eval_rows(settings)
+    config = peft_config(settings)
+    # QNLoRA: a residual init on a quantised base is computed from the full-precision weights first
+    qnlora = settings.quantization != "none" and getattr(config, "uses_residual", False)
     model, tokenizer = load_model(
         settings.model, settings.task, settings.num_labels, settings.trust_remote_code, label_names=label_names,
-        trainable=True,
+        trainable=True, quantization="none" if qnlora else settings.quantization,
     )  # fmt: skip
-    config = peft_config(settings)
     check_ranks(model, config)
     started = time.perf_counter()
-    try:
-        model = get_peft_model(model, config)
-    except ValueError as err:
-        raise RunError(str(err)) from err
+    if not qnlora:
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as err:
+            raise RunError(str(err)) from err
     init_seconds = time.perf_counter() - started
-    trainable, total = model.get_nb_trainable_parameters()
     train_set, eval_set = tokenize(settings, tokenizer, train_rows, eval_rows)
 
     # every check passed: from here on the run writes
@@ -223,6 +225,11 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
         folder.open()
     state.wait_for_everyone()
     try:
+        if qnlora:
+            started = time.perf_counter()
+            model = quantized_residual_model(settings, state, model, config, tokenizer)
+            init_seconds = time.perf_counter() - started
+        trainable, total = model.get_nb_trainable_parameters()
         summary = _train(settings, state, model, tokenizer, train_set, eval_set, resume_from, out)
     except KeyboardInterrupt:
         folder.interrupted()
@@ -237,6 +244,29 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         folder.done()
     return summary
+
+
+RESIDUAL_BASE = "residual-base"
+
+
+def quantized_residual_model(settings: TrainSettings, state, model, config, tokenizer):
+    """Save the residual model of the full-precision ``model`` in the run folder (once), load it quantised and put
+    the initial adapter on it, trainable (``nlora.save_residual_model``'s workflow)."""
+    from peft import PeftModel
+
+    from ..residual_model import ADAPTER_SUBDIR, save_residual_model
+    from .models import load_model
+
+    residual = Path(settings.output_dir) / RESIDUAL_BASE
+    if state.is_main_process and not (residual / ADAPTER_SUBDIR).exists():
+        save_residual_model(model, config, residual, tokenizer=tokenizer)
+    state.wait_for_everyone()
+    del model
+    quantized, _ = load_model(str(residual), settings.task, settings.num_labels, settings.trust_remote_code,
+                              trainable=True, quantization=settings.quantization)  # fmt: skip
+    model = PeftModel.from_pretrained(quantized, residual / ADAPTER_SUBDIR, is_trainable=True)
+    model.peft_config["default"].base_model_name_or_path = str(residual)  # the adapter belongs to this base
+    return model
 
 
 def _train(settings, state, model, tokenizer, train_set, eval_set, resume_from, out: Path) -> dict[str, Any]:
