@@ -72,3 +72,15 @@ def test_convergence_tiny(tmp_path):
     assert [s["r"] for s in rows["sweep"]] == [4, 8, 16]
     stored = sorted(p.name for p in (tmp_path / "runs" / "math").glob("*.json"))
     assert len(stored) == 6 * 3 + 6 + 2 * 2  # lr grids, the second seed, the rank sweep (r=4 is the base rank)
+
+
+def test_quantized_tiny(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model = make_tiny_model(tmp_path / "model", hidden=64)
+    data = write_jsonl(tmp_path / "arith.jsonl", arithmetic_rows(40))
+    result = run_bench("quantized.py", tmp_path, "--ranks", "4", "--steps", "2", "--seeds", "0",
+                       "--tiny-model", str(model), "--tiny-data", str(data), "--out", str(tmp_path / "scratch"))  # fmt: skip
+    error = result["errors"][0]
+    assert error["matrices"] == 4 and 0 < error["plain_median"] < 1 and error["ratio_worst"] >= error["ratio_median"]
+    assert [r["method"] for r in result["training"]] == ["QLoRA", "QNLoRA", "IntTune"]
+    assert all(r["runs"][0]["steps"] == 2 for r in result["training"])
