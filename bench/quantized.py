@@ -140,7 +140,8 @@ def main() -> None:
          "step s (median)", "peak RSS MB", "init s"],
         [[r["method"], r["lr"], len(r["runs"]), f"{r['runs'][0]['trainable_params']:,}",
           mean_sd([x["before_loss"] for x in r["runs"]]), mean_sd([x["after_loss"] for x in r["runs"]]),
-          mean_sd([x["step_seconds_median"] for x in r["runs"]], 2), f"{max(x['peak_memory_mb'] for x in r['runs']):,.0f}",
+          mean_sd([x["step_seconds_median"] for x in r["runs"]], 2),
+          f"{max(x['peak_memory_mb'] for x in r['runs']):,.0f}",
           mean_sd([x["init_seconds"] for x in r["runs"]], 2)] for r in runs],
     )  # fmt: skip
     command = f"python bench/quantized.py --ranks {args.ranks} --steps {args.steps} --seeds {args.seeds}"

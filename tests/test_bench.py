@@ -78,8 +78,8 @@ def test_quantized_tiny(tmp_path):
     pytest.importorskip("bitsandbytes")
     model = make_tiny_model(tmp_path / "model", hidden=64)
     data = write_jsonl(tmp_path / "arith.jsonl", arithmetic_rows(40))
-    result = run_bench("quantized.py", tmp_path, "--ranks", "4", "--steps", "2", "--seeds", "0",
-                       "--tiny-model", str(model), "--tiny-data", str(data), "--out", str(tmp_path / "scratch"))  # fmt: skip
+    tiny = ["--tiny-model", str(model), "--tiny-data", str(data), "--out", str(tmp_path / "scratch")]
+    result = run_bench("quantized.py", tmp_path, "--ranks", "4", "--steps", "2", "--seeds", "0", *tiny)
     error = result["errors"][0]
     assert error["matrices"] == 4 and 0 < error["plain_median"] < 1 and error["ratio_worst"] >= error["ratio_median"]
     assert [r["method"] for r in result["training"]] == ["QLoRA", "QNLoRA", "IntTune"]
