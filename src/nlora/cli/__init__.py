@@ -32,7 +32,7 @@ def _eval(argv: list[str]) -> int:
 
     (settings,) = parse((EvalSettings,), argv, "nlora eval")
     score = run_eval(settings)
-    print(json.dumps({"task": settings.task, **score}, indent=2))
+    print(json.dumps({"task": settings.harness or settings.task, **score}, indent=2))
     print(f"predictions: {settings.output_dir}/predictions.jsonl")
     return 0
 

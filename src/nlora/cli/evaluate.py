@@ -72,7 +72,13 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
         raise NotADirectoryError(f"{out} is a file, not a folder; give a folder for the eval output.")
     records: list[dict[str, Any]] = []
 
-    if settings.task in ("gsm8k", "math"):
+    if settings.harness:
+        from .harness import run_harness
+
+        model, tokenizer = load_for_eval(settings)
+        score, records = run_harness(settings, model, tokenizer)
+
+    elif settings.task in ("gsm8k", "math"):
         default_data = "gsm8k" if settings.task == "gsm8k" else None
         data = settings.data or default_data
         if data is None:
@@ -166,5 +172,5 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     with (out / "predictions.jsonl").open("w") as handle:
         for record in records:
             handle.write(json.dumps(record, default=str) + "\n")
-    (out / "score.json").write_text(json.dumps({"task": settings.task, **score}, indent=2))
+    (out / "score.json").write_text(json.dumps({"task": settings.harness or settings.task, **score}, indent=2))
     return score

@@ -232,6 +232,12 @@ class EvalSettings:
     num_labels: int = field(default=2, metadata={"help": "classification classes"})
     timeout: float = field(default=5.0, metadata={"help": "seconds per HumanEval program"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with a hub model"})
+    harness: str | None = field(
+        default=None,
+        metadata={"help": "score with lm-evaluation-harness instead: gsm8k (offline split) or any harness task name"},
+    )
+    harness_include: str | None = field(default=None, metadata={"help": "a folder of local harness task YAMLs"})
+    num_fewshot: int | None = field(default=None, metadata={"help": "harness few-shot examples (default: the task's)"})
 
 
 @dataclass
