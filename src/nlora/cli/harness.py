@@ -1,15 +1,17 @@
 """``nlora eval --harness TASK``: lm-evaluation-harness on an (NLoRA) model object, without the hub.
 
 The harness scores the model exactly as in the literature (its prompts, few-shot examples, filters and metric names,
-e.g. GSM8K's ``exact_match,strict-match`` and ``exact_match,flexible-extract``). ``gsm8k`` runs the harness's own
-task definition on the offline GSM8K split (few-shot examples from its training part, scored on the held-out part,
-or on ``--data``); any other task name is passed to the harness as it is, with ``--harness-include`` for local task
-YAMLs, and needs its data available offline.
+e.g. GSM8K's ``exact_match,strict-match`` and ``exact_match,flexible-extract``). Offline (``HF_HUB_OFFLINE=1``,
+nlora's default) or with ``--data``, ``gsm8k`` runs the harness's own task definition on the offline GSM8K split
+(few-shot examples from its training part, scored on the held-out part, or on ``--data``); with the hub reachable it
+is the harness's GSM8K (1,319 test problems). Any other task name is passed to the harness as it is, with
+``--harness-include`` for local task YAMLs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -51,8 +53,9 @@ def run_harness(settings: EvalSettings, model, tokenizer) -> tuple[dict[str, Any
 
     with tempfile.TemporaryDirectory(prefix="nlora-harness-") as tmp:
         include = [tmp] + ([settings.harness_include] if settings.harness_include else [])
-        task = OFFLINE_TASKS.get(settings.harness, settings.harness)
-        if settings.harness == "gsm8k":
+        offline = os.environ.get("HF_HUB_OFFLINE", "1") == "1" or settings.data is not None
+        task = OFFLINE_TASKS.get(settings.harness, settings.harness) if offline else settings.harness
+        if task == "nlora_gsm8k":
             _offline_gsm8k(Path(tmp), settings.data)
         manager = TaskManager(include_path=include)
         if task not in manager.all_tasks:
