@@ -44,3 +44,12 @@ def snapshot(model):
 @pytest.fixture
 def clone():
     return copy.deepcopy
+
+
+def tiny_training_args(output_dir, **overrides):
+    """transformers TrainingArguments for 4 quick CPU steps on the tiny models."""
+    from transformers import TrainingArguments
+
+    values = {"per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 1e-2, "report_to": [],
+              "save_strategy": "no", "use_cpu": True, **overrides}  # fmt: skip
+    return TrainingArguments(output_dir=str(output_dir), **values)

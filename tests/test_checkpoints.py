@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from conftest import make_config, train
+from conftest import make_config, tiny_training_args, train
 from models import build, output
 
 
@@ -78,7 +78,7 @@ def test_n_only_checkpoint_loads_into_an_existing_adapter_slot(tmp_path):
 
 def test_trainer_resumes_an_n_only_inttune_run(tmp_path):
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     ids = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
@@ -86,18 +86,7 @@ def test_trainer_resumes_an_n_only_inttune_run(tmp_path):
     def run(out, resume=None):
         torch.manual_seed(0)
         model = get_peft_model(_base(), make_config("llama", "inttune", save_frozen_factors=False))
-        args = TrainingArguments(
-            output_dir=str(tmp_path / out),
-            per_device_train_batch_size=4,
-            max_steps=4,
-            learning_rate=1e-2,
-            report_to=[],
-            save_strategy="steps",
-            save_steps=2,
-            use_cpu=True,
-            seed=0,
-            data_seed=0,
-        )
+        args = tiny_training_args(tmp_path / out, save_strategy="steps", save_steps=2, seed=0, data_seed=0)
         Trainer(model=model, args=args, train_dataset=data).train(resume_from_checkpoint=resume)
         return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_N." in n}
 

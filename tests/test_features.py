@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from conftest import make_config, snapshot, train
+from conftest import make_config, snapshot, tiny_training_args, train
 from models import build, output
 from nlora import NLoraConfig, init_report
 
@@ -166,23 +166,14 @@ def test_authors_quickstart_works_with_one_change():
 
 def test_transformers_trainer_trains_and_saves(tmp_path):
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     base, _ = build("llama")
     model = get_peft_model(base, make_config("llama", "inttune"))
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
     ids = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        use_cpu=True,
-    )
+    args = tiny_training_args(tmp_path, logging_steps=1)
     trainer = Trainer(model=model, args=args, train_dataset=data)
     result = trainer.train()
     assert result.global_step == 4
