@@ -48,9 +48,9 @@ def check_target(key: str, base_layer: nn.Module, config: NLoraConfig, r: int) -
     )
     if other_quantizer:
         raise ValueError(
-            f"NLoRA cannot adapt module '{key}': its {kind} weight is quantised by a library nlora does not support "
-            f"({type(base_layer).__module__}); quantise with bitsandbytes (4-bit or 8-bit) instead, or load the base "
-            "model in fp32/bf16."
+            f"NLoRA cannot adapt module '{key}': its {kind} weight ({getattr(weight, 'dtype', 'no dtype')}, from "
+            f"{type(base_layer).__module__}) is quantised or integer in a format nlora cannot read; quantise with "
+            "bitsandbytes (4-bit or 8-bit) instead, or load the base model in fp32/bf16."
         )
     if not isinstance(base_layer, _supported_base_types()):
         raise ValueError(
