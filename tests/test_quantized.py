@@ -154,7 +154,7 @@ def test_other_quantisers_are_refused_with_bitsandbytes_named(model_dir):
     model = load(model_dir)
     old = model.model.layers[0].self_attn.q_proj
     model.model.layers[0].self_attn.q_proj = HQQLinear(old.in_features, old.out_features, bias=False)
-    with pytest.raises(ValueError, match="hqq.core.quantize) is quantised or integer .*quantise with bitsandbytes"):
+    with pytest.raises(ValueError, match=r"hqq\.core\.quantize\) is quantised or integer .*quantise with bitsandbytes"):
         get_peft_model(model, NLoraConfig(r=4, target_modules=TARGETS))
 
 
