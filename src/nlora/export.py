@@ -47,6 +47,11 @@ def export_lora(
     ``lora_alpha = r`` and no rank/alpha patterns; an adapter vLLM still cannot serve (``modules_to_save``,
     embeddings, ``lm_head``) is exported for PEFT with a warning that says why. Merged adapters must be unmerged.
 
+    On a bitsandbytes base the delta is exact against the quantised model it was trained on
+    (``quantized_residual="keep"``) or the residual model that :func:`nlora.save_residual_model` wrote; with
+    ``"requantize"`` the rank-2r export applies to the original quantised model and is off by the rounding of the
+    requantised residual.
+
     ``out_dir`` may be a new or empty folder or an earlier export; any other non-empty folder is replaced only with
     ``overwrite=True``, and only once the new export is complete.
     """
