@@ -272,7 +272,10 @@ def test_export_command(tiny, tmp_path, merged):
     if merged:
         assert (target / "model.safetensors").exists()
     else:
+        from nlora.serving import vllm_problems
+
         assert json.loads((target / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        assert vllm_problems(target) == []  # servable: one rank from vLLM's set, alpha = r, no patterns
 
 
 def test_help_of_every_subcommand():
