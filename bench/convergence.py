@@ -183,6 +183,12 @@ def plot(analyses: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def edge(row: dict) -> str:
+    """A best rate at the end of its grid is flagged: the optimum may lie outside the grid."""
+    grid = sorted(float(lr) for lr in row["lr_grid"])
+    return " (grid edge)" if row["best_lr"] is not None and row["best_lr"] in (grid[0], grid[-1]) else ""
+
+
 def report(task: str, analysis: dict, budget: int) -> str:
     rows = analysis["rows"]
     table = markdown(
@@ -192,7 +198,7 @@ def report(task: str, analysis: dict, budget: int) -> str:
             [
                 r["method"],
                 ", ".join(f"{lr:g}: {loss:.3f}" for lr, loss in r["lr_grid"].items()) or "–",
-                "–" if r["best_lr"] is None else f"{r['best_lr']:g}",
+                "–" if r["best_lr"] is None else f"{r['best_lr']:g}" + edge(r),
                 len(r["runs"]),
                 "–" if r["trainable_params"] is None else f"{r['trainable_params']:,}",
                 fmt_ci(r["heldout_loss"]),
