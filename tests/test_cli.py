@@ -315,3 +315,22 @@ def test_config_files_are_typed_and_flags_override_them(tmp_path):
     bad.write_text("rank_of_adapter: 3\n")
     with pytest.raises(SettingsError, match=r"unknown settings \['rank_of_adapter'\]; valid ones: model, task,"):
         train_settings(["--config", str(bad)])
+
+
+def test_a_crash_mid_run_restores_the_folder_as_it_was(tiny, tmp_path, monkeypatch):
+    import nlora.cli.train as recipe
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash during training")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = tmp_path / "run"
+    assert main(base_args(tiny, run, "--save-steps", "0")) == 0
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    monkeypatch.setattr(recipe, "_train", crash)
+    assert main(base_args(tiny, empty)) == 2
+    assert empty.is_dir() and not any(empty.iterdir())  # the user's empty folder stays, emptied of our files
+    assert main(base_args(tiny, run, "--overwrite")) == 2
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # the previous run is back
+    assert not list(tmp_path.glob(".run.previous-*"))

@@ -59,6 +59,7 @@ class RunFolder:
         self.settings, self.label_names = settings, label_names
         self.previous: Path | None = None
         self.created = False
+        self.was_there = False  # an empty folder the user made: emptied, never removed, on failure
 
     def open(self) -> None:
         if self.settings.resume:
@@ -66,6 +67,7 @@ class RunFolder:
         if self.out.exists() and any(self.out.iterdir()):  # an nlora run: check_run_dir allowed --overwrite
             self.previous = self.out.with_name(f".{self.out.name}.previous-{os.getpid()}")
             os.replace(self.out, self.previous)
+        self.was_there = self.out.is_dir()
         self.out.mkdir(parents=True, exist_ok=True)
         self.created = True
         (self.out / RUN_MARKER).write_text(json.dumps({"nlora_run": 1}) + "\n")
@@ -82,10 +84,15 @@ class RunFolder:
 
     def failed(self) -> None:
         """A crash: remove what this run wrote and put the previous run back."""
-        if self.created:
-            shutil.rmtree(self.out, ignore_errors=True)
-            if self.previous is not None:
-                os.replace(self.previous, self.out)
+        if not self.created:
+            return
+        if self.was_there:  # it was empty: everything in it is ours
+            for child in self.out.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+            return
+        shutil.rmtree(self.out, ignore_errors=True)
+        if self.previous is not None:
+            os.replace(self.previous, self.out)
 
     def interrupted(self) -> None:
         if self.previous is not None:
