@@ -8,7 +8,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from nlora import NLoraConfig, save_residual_model
-from nlora.cli.models import keep_trainable_on_cpu
+from nlora.model import keep_trainable_on_cpu
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -118,6 +118,21 @@ def check_checkpoint_index(index: dict[str, tuple], targets: dict[str, tuple[nn.
         )
 
 
+def keep_trainable_on_cpu(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes' CPU 4-bit layers from repacking their weights for inference.
+
+    bitsandbytes 0.50 repacks a CPU ``Linear4bit`` weight at its first forward in eval mode (Trainer's evaluation
+    before training does that); backward through a repacked layer then gives no input gradient, so every adapter
+    below it silently stops learning (seen here: 6 of 18 adapter tensors moved). Inference is slower without it.
+    """
+    for module in model.modules():
+        if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(
+            module, "support_avx512bf16_for_cpu"
+        ):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def targeted_modules(model: nn.Module, config) -> dict[str, tuple[nn.Module, int]]:
     """``{key: (base layer, rank)}`` of every module a (N)LoRA config with explicit ``target_modules`` (a list, a
     regex or "all-linear") would adapt, found the way PEFT finds them, without touching the model."""
@@ -164,6 +179,7 @@ class NLoraModel(LoraModel):
             if index is not None:
                 check_checkpoint_index(index, targets, config)
         self._shared_weights = shared_weights(model)
+        keep_trainable_on_cpu(model)
         super().inject_adapter(model, adapter_name, **kwargs)
 
     def _check_all_targets(self, model: nn.Module, config: NLoraConfig) -> dict[str, tuple[nn.Module, int]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..model import keep_trainable_on_cpu
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
@@ -40,21 +41,6 @@ def load_tokenizer(path: str, adapter: str | None = None, trust_remote_code: boo
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def keep_trainable_on_cpu(model):
-    """Stop bitsandbytes' CPU 4-bit layers from repacking their weights for inference.
-
-    bitsandbytes 0.50 repacks a CPU ``Linear4bit`` weight at its first forward in eval mode (Trainer's evaluation
-    before training does that); backward through a repacked layer then gives no input gradient, so every adapter
-    below it silently stops learning (seen here: 6 of 18 adapter tensors moved). Inference is slower without it.
-    """
-    for module in model.modules():
-        if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(
-            module, "support_avx512bf16_for_cpu"
-        ):
-            module.support_avx512bf16_for_cpu = False
-    return model
 
 
 def _quantized(kind: str) -> dict:
