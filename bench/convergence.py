@@ -30,7 +30,7 @@ from nlora.cli.settings import TrainSettings
 warnings.filterwarnings("ignore")
 METHODS = ["lora", "pissa", "slora", "nlora-reference", "nlora", "inttune"]
 LR_GRID = {
-    "sentiment": {"default": [1e-3, 3e-3, 1e-2], "inttune": [3e-3, 1e-2, 3e-2]},
+    "sentiment": {"default": [3e-4, 1e-3, 3e-3, 1e-2], "inttune": [3e-3, 1e-2, 3e-2, 1e-1]},
     "math": {"default": [1e-4, 3e-4, 1e-3], "inttune": [1e-3, 3e-3, 1e-2]},
 }
 RUN_ORDER = ["lora", "nlora", "pissa", "inttune", "slora", "nlora-reference"]

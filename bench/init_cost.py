@@ -46,8 +46,8 @@ FULL_SVD = {"PEFT PiSSA (full SVD)": lambda r: LoraConfig(r=r, lora_alpha=r, ini
 class One(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        self.proj.weight.data.copy_(weight)
+        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # no Kaiming draw to pay
+        self.proj.weight = nn.Parameter(weight.clone())
 
 
 def _adapt(model: nn.Module, config, targets) -> nn.Module:

@@ -42,13 +42,17 @@ def test_plain_pinv_of_first_landmarks_is_far_worse_than_lstsq():
 @pytest.mark.parametrize("orthonormal", [True, False])
 def test_factor_shapes_rank_and_orthonormality(core, orthonormal):
     w = decaying(30, 50)
+    if core == "project" and not orthonormal:
+        with pytest.raises(ValueError, match="orthonormal"):
+            nystrom.nystrom_factors(w, 6, core=core, orthonormal=orthonormal)
+        return
     f = nystrom.nystrom_factors(w, 6, core=core, orthonormal=orthonormal, scaling=2.0)
     assert f.A.shape == (6, 50) and f.N.shape == (6, 6) and f.B.shape == (30, 6)
     assert torch.linalg.matrix_rank(nystrom.delta_weight(f, 2.0)) <= 6
     if orthonormal:
         torch.testing.assert_close(f.B.T @ f.B, torch.eye(6), atol=1e-5, rtol=0)
         torch.testing.assert_close(f.A @ f.A.T, torch.eye(6), atol=1e-5, rtol=0)
-    if core == "lstsq":  # scaling is compensated in N: s*B*N*A is the same approximation for any s
+    if core in ("lstsq", "project"):  # scaling is compensated in N: s*B*N*A is the same approximation for any s
         g = nystrom.nystrom_factors(w, 6, core=core, orthonormal=orthonormal, scaling=1.0)
         torch.testing.assert_close(nystrom.delta_weight(f, 2.0), nystrom.delta_weight(g, 1.0), atol=1e-5, rtol=1e-4)
 
@@ -100,3 +104,37 @@ def test_init_fingerprint_follows_the_dtype_and_catches_a_scaled_or_other_weight
         assert nystrom.same_base(reference, fp(same)) and nystrom.same_factors(reference, fp(same))
     for other in (w * 1.5, w.flip(0), torch.randn_like(w)):  # orthonormal A, B are scale-free: W's norm is not
         assert not nystrom.same_base(reference, fp(other))
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
+@pytest.mark.parametrize("landmarks", nystrom.LANDMARKS)
+def test_projection_core_beats_the_two_sided_core_and_reaches_the_svd_with_all_landmarks(shape, landmarks):
+    w = decaying(*shape)
+    for oversample in (0, 3):
+        gen = torch.Generator().manual_seed(0)
+        project = nystrom.nystrom_factors(w, 6, landmarks=landmarks, core="project", oversample=oversample,
+                                          generator=gen)  # fmt: skip
+        lstsq = nystrom.nystrom_factors(w, 6, landmarks=landmarks, oversample=oversample, generator=gen)
+        # the same landmarks on the short side: projecting onto their span is the best in that span
+        e_project = nystrom.relative_error(w, project, 1.0)
+        assert nystrom.svd_optimal_error(w, 6) <= e_project + 1e-6
+        if landmarks in ("first", "norm"):  # deterministic landmarks: the two cores see the same columns
+            assert e_project <= nystrom.relative_error(w, lstsq, 1.0) + 1e-6
+        # the error the layer reports without a pass over W is the true one
+        captured = (1 - project.captured_energy / w.pow(2).sum().item()) ** 0.5
+        assert abs(captured - e_project) < 1e-4
+    every = nystrom.nystrom_factors(w, 6, core="project", oversample=min(shape))
+    assert nystrom.relative_error(w, every, 1.0) == pytest.approx(nystrom.svd_optimal_error(w, 6), abs=1e-5)
+
+
+def test_projection_factors_of_the_transpose_are_the_transposed_factors():
+    w = decaying(30, 50)
+    f = nystrom.nystrom_factors(w, 6, landmarks="norm", core="project", oversample=2)
+    g = nystrom.nystrom_factors(w.T.contiguous(), 6, landmarks="norm", core="project", oversample=2)
+    torch.testing.assert_close(nystrom.delta_weight(f, 1.0).T, nystrom.delta_weight(g, 1.0), atol=1e-5, rtol=1e-4)
+
+
+def test_column_norms_match_vector_norm():
+    w = torch.randn(700, 33)
+    torch.testing.assert_close(nystrom.column_norms(w), torch.linalg.vector_norm(w, dim=0))
+    torch.testing.assert_close(nystrom.column_norms(w.bfloat16()), torch.linalg.vector_norm(w.bfloat16().float(), dim=0))

@@ -79,12 +79,15 @@ class NLoraConfig(LoraConfig):
     nystrom_landmarks: Literal["first", "random", "norm", "leverage"] = field(
         default="norm", metadata={"help": "How 'nlora' picks landmark rows/columns: first, random, norm, leverage."}
     )
-    nystrom_core: Literal["lstsq", "pinv", "ridge", "block"] = field(
-        default="lstsq", metadata={"help": "Core of 'nlora': lstsq (C^+ W R^+), pinv, ridge or block (raw W[I,J])."}
+    nystrom_core: Literal["project", "lstsq", "pinv", "ridge", "block"] = field(
+        default="project",
+        metadata={
+            "help": "Core of 'nlora': project (C C^+ W), lstsq (C^+ W R^+), pinv, ridge or block (raw W[I,J])."
+        },
     )
     nystrom_oversample: float = field(
-        default=1.0,
-        metadata={"help": "'nlora' takes r * (1 + oversample) landmarks, then truncates the core to rank r."},
+        default=0.25,
+        metadata={"help": "'nlora' takes r * (1 + oversample) landmarks, then truncates to rank r."},
     )
     nystrom_rcond: float = field(default=1e-2, metadata={"help": "Relative cut-off of the 'pinv' and 'ridge' cores."})
     nystrom_orthonormal: bool = field(

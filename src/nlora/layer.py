@@ -236,7 +236,9 @@ def _subtract_residual(module: LoraLayer, adapter: str, factors: nystrom.Factors
     with gather_params_ctx(base.weight, modifier_rank=0), torch.no_grad():
         w = dense_weight(base)
         residual = w.float()  # the weight itself when it is fp32: updated in place, no extra copy
-        norm_sq = torch.linalg.matrix_norm(residual).item() ** 2
+        norm_sq = factors.weight_norm_sq
+        if norm_sq is None:
+            norm_sq = torch.linalg.matrix_norm(residual).item() ** 2
         device = residual.device
         residual.addmm_(factors.B.to(device), (factors.N @ factors.A).to(device), alpha=-scaling)
         if factors.captured_energy is not None:  # projection: the error needs no second pass over W

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .settings import TrainSettings
+from .settings import NYSTROM_KNOBS, TrainSettings
 from .train import run_train
 
 
@@ -24,7 +24,13 @@ def _mean_std(values: list[float]) -> str:
 
 def run_key(settings: TrainSettings) -> str:
     """The file name a finished run is stored under: what distinguishes runs of one study."""
-    return f"{settings.method}-r{settings.r}-lr{settings.learning_rate:g}-seed{settings.seed}-steps{settings.max_steps}"
+    key = f"{settings.method}-r{settings.r}-lr{settings.learning_rate:g}-seed{settings.seed}-steps{settings.max_steps}"
+    if settings.method in ("nlora", "inttune"):  # a Nyström variant other than the default is another run
+        defaults = {f.name: f.default for f in dataclasses.fields(settings)}
+        variant = [getattr(settings, name) for name in NYSTROM_KNOBS]
+        if variant != [defaults[name] for name in NYSTROM_KNOBS]:
+            key += "-{}-{}-p{:g}".format(*variant)
+    return key
 
 
 def run_stored(settings: TrainSettings, store: Path | None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ def peft_config(settings: TrainSettings) -> LoraConfig:
     nystrom = {
         "nystrom_landmarks": settings.nystrom_landmarks,
         "nystrom_core": settings.nystrom_core,
+        "nystrom_oversample": settings.nystrom_oversample,
         "residual": settings.residual,
         "init_seed": settings.seed,
     }

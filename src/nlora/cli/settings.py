@@ -82,6 +82,10 @@ class DataSettings:
     max_length: int = field(default=192, metadata={"help": "tokens per example (longer ones are truncated)"})
 
 
+# the settings of the Nyström init: they change nothing for lora, pissa, slora or nlora-reference
+NYSTROM_KNOBS = ("nystrom_core", "nystrom_landmarks", "nystrom_oversample")
+
+
 @dataclass
 class AdapterSettings:
     _argument_group_name = "adapter"
@@ -96,8 +100,11 @@ class AdapterSettings:
     nystrom_landmarks: Literal["first", "random", "norm", "leverage"] = field(
         default="norm", metadata={"help": "nlora/inttune: how landmark rows and columns are picked"}
     )
-    nystrom_core: Literal["lstsq", "pinv", "ridge", "block"] = field(
-        default="lstsq", metadata={"help": "nlora/inttune: the core between C and R"}
+    nystrom_core: Literal["project", "lstsq", "pinv", "ridge", "block"] = field(
+        default="project", metadata={"help": "nlora/inttune: project (C C^+ W) or the core between C and R"}
+    )
+    nystrom_oversample: float = field(
+        default=0.25, metadata={"help": "nlora/inttune: extra landmarks as a fraction of r, truncated back to r"}
     )
     residual: bool = field(default=True, metadata={"help": "nlora/inttune: subtract the initial delta from W"})
 
@@ -184,7 +191,8 @@ class TrainSettings(OutputSettings, OptimSettings, AdapterSettings, DataSettings
 
     def comparable(self) -> dict[str, Any]:
         """The settings that define the result of a run (for the --resume check and the study's run store)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUMABLE_CHANGES}
+        ignored = self.RESUMABLE_CHANGES + (() if self.method in ("nlora", "inttune") else NYSTROM_KNOBS)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
 @dataclass
