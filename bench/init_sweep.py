@@ -17,8 +17,8 @@ needs about two floors (one sketch of W, one residual update W - s B N A).
 from __future__ import annotations
 
 import argparse
-import json
 import dataclasses
+import json
 import statistics
 import time
 import warnings
@@ -86,9 +86,10 @@ def quality(models: list[str], ranks: list[int]) -> list[dict]:
                     error = max(0.0, 1 - f.captured_energy / s2.sum().item()) ** 0.5
                     errors.append(error)
                     ratios.append(error / optimum)
-                rows.append({"model": f"{name} ({len(matrices)} matrices)", "r": r, "core": core, "landmarks": landmarks,
-                             "p": p, "median_error": statistics.median(errors),
-                             "median_over_optimum": statistics.median(ratios), "worst_over_optimum": max(ratios)})  # fmt: skip
+                rows.append({"model": f"{name} ({len(matrices)} matrices)", "r": r, "core": core,
+                             "landmarks": landmarks, "p": p, "median_error": statistics.median(errors),
+                             "median_over_optimum": statistics.median(ratios),
+                             "worst_over_optimum": max(ratios)})  # fmt: skip
     return rows
 
 
@@ -144,7 +145,8 @@ def training(steps: int, seeds: list[int], lr: float, scratch: Path) -> list[dic
         runs = []
         for seed in seeds:
             settings = dataclasses.replace(task_settings("sentiment", steps), method="nlora", learning_rate=lr,
-                                           seed=seed, eval_steps=max(1, steps // 8), overwrite=True, **knobs)  # fmt: skip
+                                           seed=seed, eval_steps=max(1, steps // 8), overwrite=True,
+                                           **knobs)  # fmt: skip
             settings.output_dir = str(scratch / slug / f"seed{seed}")
             runs.append(run_stored(settings, RESULTS / "runs" / "init-variants" / slug))
         curve = {}
@@ -181,7 +183,8 @@ def main() -> None:
     payload = json.loads(previous.read_text()) if previous.exists() and not args.tiny else {}
     payload["machine"] = machine()
     if "quality" in parts:
-        payload["quality"] = quality(["minilm"] if args.tiny else ["smollm2-135m", "minilm"], [8] if args.tiny else RANKS)
+        models = ["minilm"] if args.tiny else ["smollm2-135m", "minilm"]
+        payload["quality"] = quality(models, [8] if args.tiny else RANKS)
     if "cost" in parts:
         shapes, ranks = ([(64, 96)], [8]) if args.tiny else (SHAPES, RANKS)
         payload["cost"] = cost(shapes, ranks, 1 if args.tiny else args.repeats)
@@ -206,7 +209,8 @@ def render(payload: dict) -> str:
         text += "**Cost of `get_peft_model`** (one matrix, median of interleaved repeats, × the floor W·X):\n\n"
         text += markdown(
             ["shape", "r", "core", "landmarks", "p", "seconds", "× floor"],
-            [[c["shape"], c["r"], c["core"], c["landmarks"], c["p"], c["seconds"], c["x_floor"]] for c in payload["cost"]],
+            [[c["shape"], c["r"], c["core"], c["landmarks"], c["p"], c["seconds"], c["x_floor"]]
+             for c in payload["cost"]],
         ) + "\n"  # fmt: skip
     if "training" in payload:
         rows = payload["training"]

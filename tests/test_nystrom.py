@@ -137,4 +137,5 @@ def test_projection_factors_of_the_transpose_are_the_transposed_factors():
 def test_column_norms_match_vector_norm():
     w = torch.randn(700, 33)
     torch.testing.assert_close(nystrom.column_norms(w), torch.linalg.vector_norm(w, dim=0))
-    torch.testing.assert_close(nystrom.column_norms(w.bfloat16()), torch.linalg.vector_norm(w.bfloat16().float(), dim=0))
+    half = w.bfloat16()
+    torch.testing.assert_close(nystrom.column_norms(half), torch.linalg.vector_norm(half.float(), dim=0))

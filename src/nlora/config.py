@@ -81,9 +81,7 @@ class NLoraConfig(LoraConfig):
     )
     nystrom_core: Literal["project", "lstsq", "pinv", "ridge", "block"] = field(
         default="project",
-        metadata={
-            "help": "Core of 'nlora': project (C C^+ W), lstsq (C^+ W R^+), pinv, ridge or block (raw W[I,J])."
-        },
+        metadata={"help": "Core of 'nlora': project (C C^+ W), lstsq (C^+ W R^+), pinv, ridge or block (raw W[I,J])."},
     )
     nystrom_oversample: float = field(
         default=0.25,

@@ -102,11 +102,12 @@ def nystrom_factors(
 ) -> Factors:
     """Nyström (CUR) factors of ``weight`` so that ``scaling * B @ N @ A`` approximates it with rank <= r.
 
-    ``core="project"`` projects W onto the span of its k landmark columns (rows, if W is taller than wide) and
-    truncates to rank r: ``W ~ C C^+ W``, one product of W with k vectors. With ``C = W[:, J]``, ``R = W[I, :]``
-    and ``U = W[I, J]`` the other cores give ``C @ core @ R``, where the core is the least-squares ``C^+ W R^+`` (``lstsq``, never worse than 0 and within a small factor of the SVD
-    optimum), a truncated ``pinv(U)``, a ridge inverse of ``U``, or ``U`` itself (``block``, what the authors'
-    code does; not an approximation of W). ``orthonormal=True`` re-expresses the same product with orthonormal
+    ``core="project"`` (the NLoraConfig default) projects W onto the span of its k landmark columns (rows, if W is
+    taller than wide) and truncates to rank r: ``W ~ C C^+ W``, one product of W with k vectors. With
+    ``C = W[:, J]``, ``R = W[I, :]`` and ``U = W[I, J]`` the other cores give ``C @ core @ R``, where the core is
+    the least-squares ``C^+ W R^+`` (``lstsq``, never worse than 0 and within a small factor of the SVD optimum),
+    a truncated ``pinv(U)``, a ridge inverse of ``U``, or ``U`` itself (``block``, what the authors' code does;
+    not an approximation of W). ``orthonormal=True`` re-expresses the same product with orthonormal
     ``B`` and ``A`` (all scale in N), which is better conditioned for training; ``orthonormal=False`` keeps the
     skeleton form ``B = C``, ``A = R``. ``oversample`` takes ``r + oversample`` landmarks and truncates the core
     back to rank r with a small SVD. All arithmetic is fp32; results are fp32.
