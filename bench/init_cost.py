@@ -28,10 +28,19 @@ from nlora import NLoraConfig
 warnings.filterwarnings("ignore")
 
 METHODS = {
-    "nlora (default: norm, lstsq, 2r)": lambda r: NLoraConfig(r=r, lora_alpha=r),
-    "nlora first, lstsq, r": lambda r: NLoraConfig(r=r, lora_alpha=r, nystrom_landmarks="first", nystrom_oversample=0),
-    "nlora leverage, lstsq, 2r": lambda r: NLoraConfig(r=r, lora_alpha=r, nystrom_landmarks="leverage"),
-    "nlora random, lstsq, 2r": lambda r: NLoraConfig(r=r, lora_alpha=r, nystrom_landmarks="random"),
+    "nlora (default: project, norm, r/4)": lambda r: NLoraConfig(r=r, lora_alpha=r),
+    "nlora lstsq, norm, 2r (previous default)": lambda r: NLoraConfig(
+        r=r, lora_alpha=r, nystrom_core="lstsq", nystrom_oversample=1.0
+    ),
+    "nlora first, lstsq, r": lambda r: NLoraConfig(
+        r=r, lora_alpha=r, nystrom_core="lstsq", nystrom_landmarks="first", nystrom_oversample=0
+    ),
+    "nlora leverage, lstsq, 2r": lambda r: NLoraConfig(
+        r=r, lora_alpha=r, nystrom_core="lstsq", nystrom_landmarks="leverage", nystrom_oversample=1.0
+    ),
+    "nlora random, lstsq, 2r": lambda r: NLoraConfig(
+        r=r, lora_alpha=r, nystrom_core="lstsq", nystrom_landmarks="random", nystrom_oversample=1.0
+    ),
     "nlora norm, pinv, r": lambda r: NLoraConfig(r=r, lora_alpha=r, nystrom_core="pinv", nystrom_oversample=0),
     "nlora norm, ridge, r": lambda r: NLoraConfig(r=r, lora_alpha=r, nystrom_core="ridge", nystrom_oversample=0),
     "nlora_reference": lambda r: NLoraConfig(r=r, lora_alpha=r, init_lora_weights="nlora_reference"),

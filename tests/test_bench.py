@@ -29,9 +29,19 @@ def run_bench(script, tmp_path, *args):
 def test_init_cost_tiny(tmp_path):
     result = run_bench("init_cost.py", tmp_path)
     methods = {row["method"] for row in result["matrices"]}
-    assert {"nlora (default: norm, lstsq, 2r)", "PEFT pissa_niter_4", "PEFT PiSSA (full SVD)", "slora"} <= methods
+    assert {"nlora (default: project, norm, r/4)", "PEFT pissa_niter_4", "PEFT PiSSA (full SVD)", "slora"} <= methods
     nlora_row = next(r for r in result["matrices"] if r["method"].startswith("nlora (default"))
     assert 0 < nlora_row["rel_error"] < 1 and nlora_row["seconds"] > 0
+
+
+def test_init_sweep_tiny(tmp_path):
+    result = run_bench("init_sweep.py", tmp_path)
+    quality = {(q["core"], q["landmarks"], q["p"]): q for q in result["quality"]}
+    assert len(quality) == 40 and len(result["cost"]) == 40
+    # on MiniLM's real weights: never below the SVD optimum; more landmarks never hurt the projection
+    assert all(q["median_over_optimum"] >= 1 - 1e-6 for q in quality.values())
+    assert quality["project", "norm", "r"]["worst_over_optimum"] <= quality["project", "norm", "0"]["worst_over_optimum"]
+    assert all(c["x_floor"] > 0 for c in result["cost"])
 
 
 def test_step_cost_tiny(tmp_path):

@@ -166,7 +166,9 @@ def _projection_factors(
     # index_select on W's own rows or columns: 10x faster than w[:, idx], and than selecting through the w.T view
     landmark_vectors = w.index_select(0, picked).T if tall else w.index_select(1, picked)
     q = torch.linalg.qr(landmark_vectors).Q  # short x k
-    m = (wide.T @ q).T  # k x long: the only pass over W at matrix-product cost (W on the left: ~20% faster)
+    # k x long: the only pass over W at matrix-product cost. CPU BLAS is ~20% faster with W as the left operand,
+    # except a transposed W times fewer than ~12 vectors (4x slower; measured in bench/init_sweep.py)
+    m = (wide.T @ q).T if tall or k > 12 else q.T @ wide
     # top-r singular pairs of m from its k x k Gram matrix (3x cheaper than an SVD of m; only the top r are used,
     # which sit far above the Gram matrix's rounding), then A = S^-1 U^T m
     energy, u = torch.linalg.eigh((m @ m.T).double())
