@@ -79,7 +79,8 @@ def test_inttune_with_zero_factors_is_refused():
         ({"use_dora": True}, "does not support use_dora"),
         ({"nystrom_core": "svd"}, "nystrom_core must be one of"),
         ({"save_frozen_factors": False}, "only valid with train_intermediate_only"),
-        ({"nystrom_oversample": 1.0, "nystrom_orthonormal": False}, "needs nystrom_orthonormal=True"),
+        ({"nystrom_core": "lstsq", "nystrom_oversample": 1.0, "nystrom_orthonormal": False}, "nystrom_oversample=0"),
+        ({"nystrom_orthonormal": False}, "works only with nystrom_core='lstsq'"),  # default core: project
     ],
 )
 def test_bad_config_values(kwargs, match):

@@ -136,8 +136,11 @@ class NLoraConfig(LoraConfig):
             raise ValueError(f"NLoraConfig: nystrom_core must be one of {CORES}, got {self.nystrom_core!r}.")
         if self.nystrom_oversample < 0 or not math.isfinite(self.nystrom_oversample):
             raise ValueError(f"NLoraConfig: nystrom_oversample must be >= 0, got {self.nystrom_oversample}.")
-        if self.nystrom_oversample > 0 and not self.nystrom_orthonormal:
-            raise ValueError("NLoraConfig: nystrom_oversample > 0 needs nystrom_orthonormal=True; set one of them.")
+        if not self.nystrom_orthonormal and (self.nystrom_oversample > 0 or self.nystrom_core == "project"):
+            raise ValueError(
+                "NLoraConfig: nystrom_orthonormal=False (skeleton factors B=C, A=R) works only with nystrom_core="
+                "'lstsq', 'pinv', 'ridge' or 'block' and nystrom_oversample=0; set those or keep it True."
+            )
         if self.quantized_residual not in ("keep", "requantize"):
             raise ValueError(
                 f"NLoraConfig: quantized_residual must be 'keep' or 'requantize', got {self.quantized_residual!r}."
