@@ -4,6 +4,7 @@ Run:  python bench/init_sweep.py                    (all three parts; ~25 min on
       python bench/init_sweep.py --parts quality    (approximation error on SmolLM2-135M's 210 and MiniLM's 36 matrices)
       python bench/init_sweep.py --parts cost       (seconds x floor on Llama-2-7B shapes; run it on a quiet machine)
       python bench/init_sweep.py --parts training   (approximation error against early held-out loss, MiniLM sentiment)
+      python bench/init_sweep.py --parts report     (rebuild the docs section from the stored results)
       python bench/init_sweep.py --tiny             (small shapes; smoke test)
 
 Variants: core in {lstsq (two-sided C+ W R+), project (one-sided C C+ W)} x landmarks in {first, random, norm,
@@ -179,6 +180,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     parts = args.parts.split(",")
+    if parts == ["report"]:
+        return rebuild()
     name = "init_sweep" + ("_tiny" if args.tiny else "")
     previous = RESULTS / f"{name}.json"
     payload = json.loads(previous.read_text()) if previous.exists() and not args.tiny else {}
@@ -197,22 +200,29 @@ def main() -> None:
         update_section("init-sweep", render(payload))
 
 
+def rebuild() -> None:
+    """Rewrite the docs section from the stored results, without measuring anything."""
+    update_section("init-sweep", render(json.loads((RESULTS / "init_sweep.json").read_text())))
+
+
 def render(payload: dict) -> str:
     """The three tables of the sweep, from whatever parts are stored."""
     text = f"Command: `python bench/init_sweep.py` · machine: {payload['machine']}\n\n"
     if "quality" in payload:
-        text += "**Approximation error / truncated-SVD optimum** (median and worst matrix):\n\n" + markdown(
+        text += "<details><summary>Approximation error / truncated-SVD optimum (median and worst matrix)</summary>"
+        text += "\n\n" + markdown(
             ["model", "r", "core", "landmarks", "p", "median error", "median / optimum", "worst / optimum"],
             [[q["model"], q["r"], q["core"], q["landmarks"], q["p"], q["median_error"], q["median_over_optimum"],
               q["worst_over_optimum"]] for q in payload["quality"]],
-        ) + "\n"  # fmt: skip
+        ) + "\n</details>\n\n"  # fmt: skip
     if "cost" in payload:
-        text += "**Cost of `get_peft_model`** (one matrix, median of interleaved repeats, × the floor W·X):\n\n"
+        text += ("<details><summary>Cost of <code>get_peft_model</code> (one matrix, median of interleaved repeats, "
+                 "× the floor W·X)</summary>\n\n")  # fmt: skip
         text += markdown(
             ["shape", "r", "core", "landmarks", "p", "seconds", "× floor"],
             [[c["shape"], c["r"], c["core"], c["landmarks"], c["p"], c["seconds"], c["x_floor"]]
              for c in payload["cost"]],
-        ) + "\n"  # fmt: skip
+        ) + "\n</details>\n\n"  # fmt: skip
     if "training" in payload:
         rows = payload["training"]
         steps = sorted({int(s) for row in rows for s in row["heldout"]}, key=int)
