@@ -198,7 +198,8 @@ def report(task: str, analysis: dict, budget: int) -> str:
     rows = analysis["rows"]
     table = markdown(
         ["method", "lr grid (final held-out loss, seed 0)", "best lr", "seeds", "trainable params",
-         "held-out loss (mean ± 95% CI)", "held-out accuracy", "step reaching LoRA's final loss (per seed)"],
+         "held-out loss per seed", "held-out loss (mean ± 95% CI)", "held-out accuracy",
+         "step reaching LoRA's final loss (per seed)"],
         [
             [
                 r["method"],
@@ -206,6 +207,7 @@ def report(task: str, analysis: dict, budget: int) -> str:
                 "–" if r["best_lr"] is None else f"{r['best_lr']:g}" + edge(r),
                 len(r["runs"]),
                 "–" if r["trainable_params"] is None else f"{r['trainable_params']:,}",
+                ", ".join(f"{loss:.3f}" for loss in r["heldout_loss"]) or "–",
                 fmt_ci(r["heldout_loss"]),
                 fmt_ci(r["accuracy"]),
                 ", ".join("never" if s is None else str(s) for s in r["steps_to_lora"]) or "–",
