@@ -36,6 +36,7 @@ LR_GRID = {
 RUN_ORDER = ["lora", "nlora", "pissa", "inttune", "slora", "nlora-reference"]
 BUDGET = {"sentiment": 300, "math": 150}
 SWEEP_RANKS = [4, 8, 16]
+MAX_EXTENSIONS = 2  # grid points added beyond an edge where the best rate lies
 
 
 def task_settings(task: str, steps: int, tiny_model: str | None = None, tiny_data: str | None = None) -> TrainSettings:
@@ -52,6 +53,15 @@ def task_settings(task: str, steps: int, tiny_model: str | None = None, tiny_dat
     return TrainSettings(model="minilm", task="classification", data="vader-movies", max_steps=steps, r=8,
                          max_length=64, per_device_train_batch_size=16, per_device_eval_batch_size=64, save_steps=0,
                          eval_steps=every, max_eval_samples=512, eval_before=False, max_train_samples=4000)  # fmt: skip
+
+
+def half_decade(lr: float, direction: int) -> float:
+    """The next rate of the 1-3-10 ladder below (direction -1) or above (+1) ``lr``."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    one = round(lr / 10**exponent) == 1
+    value = (3 * 10 ** (exponent - 1) if one else 10**exponent) if direction < 0 else (
+        3 * 10**exponent if one else 10 ** (exponent + 1))  # fmt: skip
+    return float(f"{value:.1g}")
 
 
 class Study:
@@ -79,11 +89,23 @@ class Study:
         return grids.get(method, grids["default"])
 
     def best_lr(self, method: str) -> tuple[float | None, dict[float, float]]:
-        trials = {lr: self.run(method, lr, self.seeds[0]) for lr in self.grid(method)}
-        losses = {lr: t["summary"]["after_loss"] for lr, t in trials.items() if t is not None}
-        if len(losses) < len(trials):
-            return None, losses
-        return min(losses, key=losses.get), losses
+        """The rate with the lowest final held-out loss at the first seed. A best rate at the end of the grid extends
+        the grid by one half-decade that way (at most ``MAX_EXTENSIONS`` times): the optimum may lie beyond it."""
+        grid, losses = sorted(self.grid(method)), {}
+        for extension in range(MAX_EXTENSIONS + 1):
+            for lr in grid:
+                if lr not in losses and (run := self.run(method, lr, self.seeds[0])) is not None:
+                    losses[lr] = run["summary"]["after_loss"]
+            if any(lr not in losses for lr in self.grid(method)):
+                return None, losses  # the base grid is not complete yet
+            best = min(losses, key=losses.get)
+            if best not in (grid[0], grid[-1]) or extension == MAX_EXTENSIONS:
+                break
+            beyond = half_decade(best, -1 if best == grid[0] else 1)
+            if not self.train and beyond not in losses and self.run(method, beyond, self.seeds[0]) is None:
+                break  # report-only: the extension has not been run yet
+            grid = sorted([*grid, beyond])
+        return best, dict(sorted(losses.items()))
 
     def method_runs(self, method: str, r: int | None = None) -> tuple[float | None, dict, list[dict]]:
         lr, grid = self.best_lr(method)
