@@ -68,9 +68,10 @@ class Study:
     """Runs (or reuses) the runs of one task and answers questions about them."""
 
     def __init__(self, task: str, base: TrainSettings, seeds: list[int], scratch: Path, train: bool,
-                 methods: list[str] = METHODS, sweep_seeds: list[int] | None = None):  # fmt: skip
+                 methods: list[str] = METHODS, sweep_seeds: list[int] | None = None,
+                 extensions: int = MAX_EXTENSIONS):  # fmt: skip
         self.task, self.base, self.seeds, self.scratch, self.train = task, base, seeds, scratch, train
-        self.methods, self.sweep_seeds = methods, sweep_seeds or seeds[:1]
+        self.methods, self.sweep_seeds, self.extensions = methods, sweep_seeds or seeds[:1], extensions
         self.store = RESULTS / "runs" / task
 
     def run(self, method: str, lr: float, seed: int, r: int | None = None) -> dict | None:
@@ -90,16 +91,16 @@ class Study:
 
     def best_lr(self, method: str) -> tuple[float | None, dict[float, float]]:
         """The rate with the lowest final held-out loss at the first seed. A best rate at the end of the grid extends
-        the grid by one half-decade that way (at most ``MAX_EXTENSIONS`` times): the optimum may lie beyond it."""
+        the grid by one half-decade that way (at most ``self.extensions`` times): the optimum may lie beyond it."""
         grid, losses = sorted(self.grid(method)), {}
-        for extension in range(MAX_EXTENSIONS + 1):
+        for extension in range(self.extensions + 1):
             for lr in grid:
                 if lr not in losses and (run := self.run(method, lr, self.seeds[0])) is not None:
                     losses[lr] = run["summary"]["after_loss"]
             if any(lr not in losses for lr in self.grid(method)):
                 return None, losses  # the base grid is not complete yet
             best = min(losses, key=losses.get)
-            if best not in (grid[0], grid[-1]) or extension == MAX_EXTENSIONS:
+            if best not in (grid[0], grid[-1]) or extension == self.extensions:
                 break
             beyond = half_decade(best, -1 if best == grid[0] else 1)
             if not self.train and beyond not in losses and self.run(method, beyond, self.seeds[0]) is None:
@@ -268,6 +269,7 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the IntTune rank sweep")
     parser.add_argument("--sweep-seeds", default="0", help="seeds of the IntTune rank sweep's other ranks")
     parser.add_argument("--methods", default=",".join(METHODS), help="train only these; the others are read")
+    parser.add_argument("--grid-extensions", type=int, default=MAX_EXTENSIONS, help="points added beyond an edge")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--tiny-model")
     parser.add_argument("--tiny-data")
@@ -279,7 +281,8 @@ def main() -> None:
         base = task_settings(task, budgets[task], args.tiny_model if args.tiny else None, args.tiny_data)
         methods = args.methods.split(",")
         sweep_seeds = [int(s) for s in args.sweep_seeds.split(",")]
-        study = Study(task, base, seeds, Path(args.out), not args.report_only, methods, sweep_seeds)
+        study = Study(task, base, seeds, Path(args.out), not args.report_only, methods, sweep_seeds,
+                      args.grid_extensions)  # fmt: skip
         if study.train:  # the lr grids of every method first, so a partial study is already a fair comparison
             for method in methods:
                 study.best_lr(method)

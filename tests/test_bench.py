@@ -1,6 +1,7 @@
 """Each benchmark script runs on a tiny size (timings are benchmarks, never asserted here)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -76,6 +77,10 @@ def test_convergence_tiny(tmp_path):
         str(data),
         "--out",
         str(tmp_path / "scratch"),
+        "--grid-extensions",
+        "0",
+        "--sweep-seeds",
+        "0,1",
     )["tasks"]["math"]
     assert [r["method"] for r in rows["rows"]] == ["lora", "pissa", "slora", "nlora-reference", "nlora", "inttune"]
     assert all(len(r["heldout_loss"]) == 2 and len(r["lr_grid"]) == 3 for r in rows["rows"])
@@ -95,3 +100,30 @@ def test_quantized_tiny(tmp_path):
     assert error["matrices"] == 4 and 0 < error["plain_median"] < 1 and error["ratio_worst"] >= error["ratio_median"]
     assert [r["method"] for r in result["training"]] == ["QLoRA", "QNLoRA", "IntTune"]
     assert all(r["runs"][0]["steps"] == 2 for r in result["training"])
+
+
+def test_convergence_grid_extends_past_an_edge_best_rate(monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import convergence
+
+    from nlora.cli.settings import TrainSettings
+
+    def fake_run(self, method, lr, seed, r=None):  # a loss valley at 3e-5, below the math grid [1e-4, 3e-4, 1e-3]
+        return {"summary": {"after_loss": abs(math.log10(lr) - math.log10(3e-5))}}
+
+    monkeypatch.setattr(convergence.Study, "run", fake_run)
+    study = convergence.Study("math", TrainSettings(), [0], ROOT, train=True, extensions=2)
+    best, losses = study.best_lr("lora")
+    assert best == 3e-5 and sorted(losses) == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]  # the second extension brackets it
+    assert not convergence.edge({"lr_grid": losses, "best_lr": best})
+    study.extensions = 1
+    best, losses = study.best_lr("lora")
+    assert best == 3e-5 and convergence.edge({"lr_grid": losses, "best_lr": best})  # flagged in the report
+    study.extensions = 0
+    assert study.best_lr("lora")[0] == 1e-4
+    assert [convergence.half_decade(x, d) for x, d in [(3e-4, -1), (1e-4, -1), (1e-1, 1), (3e-2, 1)]] == [
+        1e-4,
+        3e-5,
+        0.3,
+        0.1,
+    ]
