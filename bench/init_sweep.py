@@ -234,10 +234,16 @@ def render(payload: dict) -> str:
             [[row["variant"], row["median_error"], *[row["heldout"].get(str(s), row["heldout"].get(s)) for s in steps]]
              for row in rows],
         )  # fmt: skip
+        sound = [row for row in rows if row["median_error"] < 1]  # an error above 1 is no approximation at all
+        text += "\n| step | Spearman(error, loss), all variants | same, approximations only (error < 1) |\n"
+        text += "|---|---|---|\n"
         for s in steps:
-            losses = [row["heldout"].get(str(s), row["heldout"].get(s)) for row in rows]
-            rho, p = spearman([row["median_error"] for row in rows], losses)
-            text += f"\nSpearman(error, held-out loss @ {s}) = {rho:.2f} (p = {p:.2g}, {len(rows)} variants)."
+            cells = []
+            for group in (rows, sound):
+                losses = [row["heldout"].get(str(s), row["heldout"].get(s)) for row in group]
+                rho, p = spearman([row["median_error"] for row in group], losses)
+                cells.append(f"{rho:.2f} (p = {p:.2g}, {len(group)} variants)")
+            text += f"| {s} | {cells[0]} | {cells[1]} |\n"
         text += "\n"
     return text
 
