@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from transformers import HfArgumentParser
 
+from ..config import NLoraConfig
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -82,7 +84,9 @@ class DataSettings:
     max_length: int = field(default=192, metadata={"help": "tokens per example (longer ones are truncated)"})
 
 
-# the settings of the Nyström init: they change nothing for lora, pissa, slora or nlora-reference
+# the settings of the Nyström init: they change nothing for lora, pissa, slora or nlora-reference; their defaults
+# are NLoraConfig's (one source of truth)
+_NLORA_DEFAULTS = {f.name: f for f in dataclasses.fields(NLoraConfig)}
 NYSTROM_KNOBS = ("nystrom_core", "nystrom_landmarks", "nystrom_oversample")
 
 
@@ -98,13 +102,16 @@ class AdapterSettings:
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
     target_modules: str | None = field(default=None, metadata={"help": "comma list; default: all linear layers"})
     nystrom_landmarks: Literal["first", "random", "norm", "leverage"] = field(
-        default="norm", metadata={"help": "nlora/inttune: how landmark rows and columns are picked"}
+        default=_NLORA_DEFAULTS["nystrom_landmarks"].default,
+        metadata={"help": "nlora/inttune: how landmark rows and columns are picked"},
     )
     nystrom_core: Literal["project", "lstsq", "pinv", "ridge", "block"] = field(
-        default="project", metadata={"help": "nlora/inttune: project (C C^+ W) or the core between C and R"}
+        default=_NLORA_DEFAULTS["nystrom_core"].default,
+        metadata={"help": "nlora/inttune: project (C C^+ W) or the core between C and R"},
     )
     nystrom_oversample: float = field(
-        default=0.25, metadata={"help": "nlora/inttune: extra landmarks as a fraction of r, truncated back to r"}
+        default=_NLORA_DEFAULTS["nystrom_oversample"].default,
+        metadata={"help": "nlora/inttune: extra landmarks as a fraction of r, truncated back to r"},
     )
     residual: bool = field(default=True, metadata={"help": "nlora/inttune: subtract the initial delta from W"})
 
