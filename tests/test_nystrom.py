@@ -142,8 +142,19 @@ def test_projection_factors_of_the_transpose_are_the_transposed_factors():
     torch.testing.assert_close(nystrom.delta_weight(f, 1.0).T, nystrom.delta_weight(g, 1.0), atol=1e-5, rtol=1e-4)
 
 
-def test_column_norms_match_vector_norm():
+def test_row_and_column_norms_match_vector_norm_in_either_memory_order():
     w = torch.randn(700, 33)
-    torch.testing.assert_close(nystrom.column_norms(w), torch.linalg.vector_norm(w, dim=0))
-    half = w.bfloat16()
-    torch.testing.assert_close(nystrom.column_norms(half), torch.linalg.vector_norm(half.float(), dim=0))
+    for view in (w, w.T.contiguous().T, w.bfloat16(), w.bfloat16().T.contiguous().T):  # Conv1D/embeddings: .T views
+        torch.testing.assert_close(nystrom.column_norms(view), torch.linalg.vector_norm(view.float(), dim=0))
+        torch.testing.assert_close(nystrom.row_norms(view), torch.linalg.vector_norm(view.float(), dim=1))
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_base_fingerprint_is_the_same_whether_the_landmark_pass_computed_the_norms_or_not(shape):
+    w = decaying(*shape)
+    factors = nystrom.nystrom_factors(w, 4, landmarks="norm", core="project", oversample=2)
+    assert (factors.weight_row_norms is not None) == (shape[0] > shape[1])  # tall: the row norms come for free
+    fresh = nystrom.weight_fingerprint(w)
+    tolerance = 1e-6 * fresh[0]  # same_base compares both numbers relative to the norm
+    assert nystrom.init_fingerprint(w, factors)[:2] == pytest.approx(fresh, abs=tolerance)
+    assert nystrom.weight_fingerprint(w.T.contiguous().T) == pytest.approx(fresh, abs=tolerance)

@@ -29,6 +29,7 @@ class Factors:
     # ||W - s B N A||^2 = ||W||^2 - captured_energy, so the error needs no extra pass over W
     captured_energy: float | None = None
     weight_norm_sq: float | None = None  # ||W||_F^2 when the landmark pass computed it anyway (saves a pass)
+    weight_row_norms: torch.Tensor | None = None  # W's row norms, likewise (the base fingerprint reuses them)
 
 
 def select_landmarks(
@@ -49,7 +50,7 @@ def select_landmarks(
         return rows, cols
     if method == "norm":
         w = weight.float()
-        rows = torch.topk(torch.linalg.vector_norm(w, dim=1), k).indices.sort().values
+        rows = torch.topk(row_norms(w), k).indices.sort().values
         cols = torch.topk(column_norms(w), k).indices.sort().values
         return rows, cols
     if method == "leverage":
@@ -66,13 +67,20 @@ def select_landmarks(
 
 
 def column_norms(w: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """Euclidean norms of the columns of a row-major ``w``, a block of rows at a time: ``vector_norm(w, dim=0)``
-    reduces across strided memory and costs ~6 products W·X (X in x 32) on CPU; this costs ~0.3."""
+    """Euclidean norms of the columns of ``w``, a block of rows at a time: ``vector_norm(w, dim=0)`` on row-major
+    memory reduces across strides and costs ~6 products W·X (X in x 32) on CPU; this costs ~0.3."""
+    if w.stride(0) == 1 and w.stride(1) != 1:  # a transposed view (Conv1D, embeddings): its columns are contiguous
+        return torch.linalg.vector_norm(w.T.float(), dim=1)
     acc = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
     for start in range(0, w.shape[0], block):
         rows = w[start : start + block].float()
         acc += (rows * rows).sum(0)
     return acc.sqrt()
+
+
+def row_norms(w: torch.Tensor) -> torch.Tensor:
+    """Euclidean norms of the rows of ``w``, read along its memory order (see :func:`column_norms`)."""
+    return column_norms(w.T)
 
 
 def _core_inverse(U: torch.Tensor, core: str, rcond: float) -> torch.Tensor:
@@ -156,9 +164,9 @@ def _projection_factors(
     a thin matrix and one thin SVD: the cheapest way to a near-optimal residual (see docs/benchmarks.md)."""
     tall = w.shape[0] > w.shape[1]
     wide = w.T if tall else w  # short side first: landmarks are columns of ``wide``
-    norm_sq = None
+    norm_sq = norms = None
     if landmarks == "norm":  # one norm pass, over the side that is used; ||W||^2 comes with it
-        norms = torch.linalg.vector_norm(w, dim=1) if tall else column_norms(w)
+        norms = row_norms(w) if tall else column_norms(w)
         picked = torch.topk(norms, k).indices.sort().values
         norm_sq = norms.pow(2).sum().item()
     else:
@@ -180,6 +188,7 @@ def _projection_factors(
     return Factors(
         A=A.contiguous(), N=(N / scaling).contiguous(), B=B.contiguous(), rows=picked if tall else None,
         cols=None if tall else picked, captured_energy=s[:r].pow(2).sum().item(), weight_norm_sq=norm_sq,
+        weight_row_norms=norms if tall else None,
     )  # fmt: skip
 
 
@@ -218,26 +227,40 @@ def svd_optimal_error(weight: torch.Tensor, r: int) -> float:
     return (s[r:].pow(2).sum() / s.pow(2).sum()).sqrt().item()
 
 
-def fingerprint(tensor: torch.Tensor, norm: float | None = None) -> list[float]:
-    """A tolerance-friendly checksum of a tensor: its norm and a position-weighted sum.
+def _position_weights(n: int, device: torch.device, a: float = 0.7, b: float = 0.3) -> torch.Tensor:
+    return torch.cos(torch.arange(n, dtype=torch.float32, device=device) * a + b)
+
+
+def fingerprint(tensor: torch.Tensor) -> list[float]:
+    """A tolerance-friendly checksum of a (small) tensor: its norm and a position-weighted sum.
 
     Factors re-derived on another machine or from a bf16 copy of W differ in the last bits, so a byte hash would
-    be too strict; these two numbers still catch a different weight, rank, landmark set, sign or permutation.
+    be too strict; these two numbers still catch a different rank, landmark set, sign or permutation.
     """
     t = tensor.detach().float()
     t = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
-    # separable position weights u_i v_j: one matrix-vector product, no temporary the size of W
-    u = torch.cos(torch.arange(t.shape[0], dtype=torch.float32, device=t.device) * 0.7 + 0.3)
-    v = torch.cos(torch.arange(t.shape[1], dtype=torch.float32, device=t.device) * 1.3 + 0.1)
-    return [torch.linalg.vector_norm(t).item() if norm is None else norm, (u @ (t @ v)).item()]
+    # separable position weights u_i v_j: one matrix-vector product, no temporary the size of t
+    u, v = _position_weights(t.shape[0], t.device), _position_weights(t.shape[1], t.device, 1.3, 0.1)
+    return [torch.linalg.vector_norm(t).item(), (u @ (t @ v)).item()]
+
+
+def weight_fingerprint(weight: torch.Tensor, norms: torch.Tensor | None = None) -> list[float]:
+    """The base weight's checksum: ``||W||`` and a position-weighted sum of its squared row norms over ``||W||``.
+
+    Row norms cost a third of the matrix-vector product :func:`fingerprint` needs (and nothing when the norm
+    landmarks of a tall W computed them: ``norms``); they catch a different, scaled or row-permuted weight and miss
+    only a column permutation or a sign flip of W, which no mix-up of real checkpoints produces.
+    """
+    norms_sq = (row_norms(weight.detach()) if norms is None else norms).pow(2)
+    total = norms_sq.sum().sqrt().item()
+    return [total, (_position_weights(norms_sq.shape[0], norms_sq.device) @ norms_sq).item() / max(total, 1e-30)]
 
 
 def init_fingerprint(weight: torch.Tensor, factors: Factors) -> list[float]:
     """What identifies a Nyström init: the fingerprint of W (its norm catches a scaled W, which leaves orthonormal
     A and B unchanged), the machine epsilon of W's dtype, then the fingerprints of the initial A, N and B."""
-    norm = None if factors.weight_norm_sq is None else factors.weight_norm_sq**0.5
-    return [*fingerprint(weight, norm), torch.finfo(weight.dtype).eps, *fingerprint(factors.A), *fingerprint(factors.N),
-            *fingerprint(factors.B)]  # fmt: skip
+    return [*weight_fingerprint(weight, factors.weight_row_norms), torch.finfo(weight.dtype).eps,
+            *fingerprint(factors.A), *fingerprint(factors.N), *fingerprint(factors.B)]  # fmt: skip
 
 
 def _close(a: list[float], b: list[float], rtol: float) -> bool:
