@@ -192,23 +192,38 @@ def plot(analyses: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(analyses), figsize=(6.5 * len(analyses), 4.4), squeeze=False)
-    for ax, (task, analysis) in zip(axes[0], analyses.items()):
+    # top row: whole curves; bottom row: the second half, zoomed on the better half of the methods, whose final
+    # losses differ by less than the top row's scale can show
+    fig, axes = plt.subplots(2, len(analyses), figsize=(6.5 * len(analyses), 8.4), squeeze=False)
+    for column, (task, analysis) in enumerate(analyses.items()):
+        means = {}
         for row in analysis["rows"]:
             curves = [eval_curve(r) for r in row["runs"]]
             if not curves:
                 continue
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             values = [[c[s] for c in curves] for s in steps]
-            mean = [statistics.mean(v) for v in values]
-            line = ax.plot(steps, mean, marker=".", label=f"{row['method']} (lr {row['best_lr']:g}, n={len(curves)})")
-            if len(curves) > 1:
-                ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.15,
-                                color=line[0].get_color())  # fmt: skip
-        ax.set_title(f"{task}: held-out loss (mean; band: min-max over seeds)")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            means[row["method"]] = dict(zip(steps, map(statistics.mean, values)))
+            for ax in axes[:, column]:
+                line = ax.plot(steps, means[row["method"]].values(), marker=".",
+                               label=f"{row['method']} (lr {row['best_lr']:g}, n={len(curves)})")  # fmt: skip
+                if len(curves) > 1:
+                    ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.15,
+                                    color=line[0].get_color())  # fmt: skip
+        top, zoom = axes[:, column]
+        top.set_title(f"{task}: held-out loss (mean; band: min-max over seeds)")
+        if means:
+            last = max(max(m) for m in means.values())
+            better = sorted(means.values(), key=lambda m: m[max(m)])[: max(1, (len(means) + 1) // 2)]
+            second_half = [v for m in better for s, v in m.items() if s >= last / 2]
+            pad = 0.1 * (max(second_half) - min(second_half))
+            zoom.set_xlim(last / 2 - last / 40, last + last / 40)
+            zoom.set_ylim(min(second_half) - pad, max(second_half) + pad)
+        zoom.set_title(f"{task}: second half, zoomed on the better half of the methods")
+        for ax in (top, zoom):
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
