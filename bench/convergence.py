@@ -186,6 +186,16 @@ def analyse(study: Study, sweep: bool) -> dict:
     return {"rows": rows, "welch": tests, "sweep": sweep_rows, "lora_final": threshold}
 
 
+def zoom_window(means: dict[str, dict[int, float]]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Axis limits showing the second half of the steps and, in it, the curves of the better half of the methods
+    (ranked by final loss), with a 10% margin."""
+    last = max(max(curve) for curve in means.values())
+    better = sorted(means.values(), key=lambda curve: curve[max(curve)])[: max(1, (len(means) + 1) // 2)]
+    values = [v for curve in better for step, v in curve.items() if step >= last / 2]
+    pad = 0.1 * (max(values) - min(values)) or 0.01
+    return (last / 2 - last / 40, last + last / 40), (min(values) - pad, max(values) + pad)
+
+
 def plot(analyses: dict[str, dict], path: Path) -> None:
     import matplotlib
 
@@ -213,12 +223,9 @@ def plot(analyses: dict[str, dict], path: Path) -> None:
         top, zoom = axes[:, column]
         top.set_title(f"{task}: held-out loss (mean; band: min-max over seeds)")
         if means:
-            last = max(max(m) for m in means.values())
-            better = sorted(means.values(), key=lambda m: m[max(m)])[: max(1, (len(means) + 1) // 2)]
-            second_half = [v for m in better for s, v in m.items() if s >= last / 2]
-            pad = 0.1 * (max(second_half) - min(second_half))
-            zoom.set_xlim(last / 2 - last / 40, last + last / 40)
-            zoom.set_ylim(min(second_half) - pad, max(second_half) + pad)
+            xlim, ylim = zoom_window(means)
+            zoom.set_xlim(*xlim)
+            zoom.set_ylim(*ylim)
         zoom.set_title(f"{task}: second half, zoomed on the better half of the methods")
         for ax in (top, zoom):
             ax.set_xlabel("step")

@@ -102,6 +102,21 @@ def test_quantized_tiny(tmp_path):
     assert all(r["runs"][0]["steps"] == 2 for r in result["training"])
 
 
+def test_convergence_zoom_shows_the_better_half_in_the_second_half():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import convergence
+
+    means = {  # final losses 0.80 < 0.82 < 0.94 < 0.95: the zoom shows the first two, from step 50 on
+        "lora": {25: 1.0, 50: 0.87, 75: 0.83, 100: 0.80},
+        "pissa": {25: 1.1, 50: 0.90, 75: 0.85, 100: 0.82},
+        "inttune": {25: 1.2, 50: 1.00, 75: 0.96, 100: 0.94},
+        "nlora-reference": {25: 1.7, 50: 1.20, 75: 1.00, 100: 0.95},
+    }
+    (x0, x1), (y0, y1) = convergence.zoom_window(means)
+    assert x0 < 50 < 100 < x1 and 25 < x0
+    assert y0 < 0.80 and 0.90 < y1 < 0.94  # pissa's step-50 point in, inttune's and the first evaluations out
+
+
 def test_convergence_grid_extends_past_an_edge_best_rate(monkeypatch):
     sys.path.insert(0, str(ROOT / "bench"))
     import convergence
