@@ -169,12 +169,16 @@ def analyse(study: Study, sweep: bool) -> dict:
         row["train_loss"] = [r["summary"]["train_loss"] for r in row["runs"]]
         row["trainable_params"] = row["runs"][0]["summary"]["trainable_params"] if row["runs"] else None
         row["steps_to_lora"] = [steps_to(r, threshold) for r in row["runs"]] if threshold is not None else []
+    # the two comparisons first, then each other method against LoRA and NLoRA
+    pairs = [("nlora", "lora"), ("nlora", "pissa"), ("pissa", "lora")]
+    pairs += [(m, other) for m in ("slora", "nlora-reference", "inttune") for other in ("lora", "nlora")]
     tests = {}
-    for other in ("lora", "pissa"):
+    for method, other in pairs:
         for metric in ("heldout_loss", "accuracy"):
-            a = next(r for r in rows if r["method"] == "nlora")[metric]
-            b = next(r for r in rows if r["method"] == other)[metric]
-            tests[f"nlora vs {other}: {metric}"] = welch(a, b)
+            if not any(row[metric] for row in rows):
+                continue  # not measured on this task (math has no accuracy)
+            a, b = (next(r for r in rows if r["method"] == m)[metric] for m in (method, other))
+            tests[f"{method} vs {other}: {metric}"] = welch(a, b)
     sweep_rows = []
     if sweep:
         lr, _ = study.best_lr("inttune")
@@ -227,10 +231,10 @@ def plot(analyses: dict[str, dict], path: Path) -> None:
             zoom.set_xlim(*xlim)
             zoom.set_ylim(*ylim)
         zoom.set_title(f"{task}: second half, zoomed on the better half of the methods")
+        top.legend(fontsize=8)  # the zoom below shares its colours
         for ax in (top, zoom):
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
