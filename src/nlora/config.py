@@ -49,6 +49,14 @@ _UNSUPPORTED_LORA_FEATURES = (
 )
 
 
+# The settings that decide a residual adapter's initial factors (and so the weight it subtracts from the base).
+_RESIDUAL_FIELDS = (
+    "init_lora_weights", "residual", "intermediate_init", "quantized_residual", "init_seed", "r", "lora_alpha",
+    "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "fan_in_fan_out",
+    "nystrom_landmarks", "nystrom_core", "nystrom_oversample", "nystrom_rcond", "nystrom_orthonormal",
+)  # fmt: skip
+
+
 @dataclass
 class NLoraConfig(LoraConfig):
     """Configuration of an SLoRA / NLoRA / IntTune adapter: ``delta_W = s * B @ N @ A`` with a trainable r x r N.
@@ -174,6 +182,16 @@ class NLoraConfig(LoraConfig):
         """Whether reloading this adapter re-derives part of it from the base weight (a residual, or the frozen
         factors of an N-only checkpoint); such checkpoints record the init's fingerprints and are verified."""
         return self.uses_residual or not self.save_frozen_factors
+
+    def shares_residual_with(self, other: object) -> bool:
+        """Whether an adapter with this config may share the residual base of an adapter with ``other``: both are
+        residual and every setting that decides the initial factors, and so the residual, is the same."""
+        return (
+            isinstance(other, NLoraConfig)
+            and self.uses_residual
+            and other.uses_residual
+            and all(getattr(self, f) == getattr(other, f) for f in _RESIDUAL_FIELDS)
+        )
 
     def oversampled_rank(self, r: int, max_rank: int) -> int:
         """Number of landmarks 'nlora' takes for rank r (never more than the matrix allows)."""

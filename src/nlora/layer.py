@@ -148,8 +148,8 @@ def _initial_factors(module: LoraLayer, adapter: str, config: NLoraConfig, key: 
                     scaling=scaling,
                     generator=generator,
                 )
-            module.nlora_fingerprint = getattr(module, "nlora_fingerprint", {})
-            module.nlora_fingerprint[adapter] = nystrom.init_fingerprint(w, factors)
+            if config.rederives_init:  # only a residual or an N-only checkpoint is ever checked against it
+                module.nlora_fingerprint[adapter] = nystrom.init_fingerprint(w, factors)
             if config.intermediate_init == "zero":
                 factors.N = torch.zeros_like(factors.N)
         return factors
@@ -189,27 +189,84 @@ def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str,
     else:
         module.lora_variant[adapter] = SLoraLinearVariant()
 
+    _register_records(module)
     if module.get_base_layer().weight.device.type == "meta":
         # another rank holds the weights (checked by NLoraModel): it initialises, nlora.broadcast_init_state syncs
         module.nlora_pending = getattr(module, "nlora_pending", set()) | {adapter}
         if config.train_intermediate_only:
             _freeze_factors(module, adapter)
         return
-    factors = _initial_factors(module, adapter, config, key)
+    holder = residual_holder(module) if config.uses_residual else None
+    if holder is not None:  # the base is already residual: share that residual, never subtract a second time
+        factors = _share_residual(module, adapter, holder)
+    else:
+        factors = _initial_factors(module, adapter, config, key)
     materialize = not config.save_frozen_factors
     _assign(module, name_A, adapter, factors.A, materialize)
     _assign(module, name_B, adapter, factors.B, materialize)
     _assign(module, "lora_N", adapter, factors.N, materialize=False)
 
-    if untie:
+    if untie and holder is None:
         _untie(module, adapter)
-    if config.uses_residual and quantized(module.get_base_layer()) and config.quantized_residual == "keep":
-        # the 4-bit/8-bit weights stay as they are: N starts at zero, so the step-0 output is the quantised model's
-        _assign(module, "lora_N", adapter, torch.zeros_like(factors.N), materialize=False)
-    elif config.uses_residual:
+    if config.uses_residual and holder is None:
         _subtract_residual(module, adapter, factors)
     if config.train_intermediate_only:
         _freeze_factors(module, adapter)
+
+
+# Per-adapter records that PEFT's own delete_adapter drops with the adapter (it walks ``other_param_names``).
+# ``nlora_initial`` / ``nlora_untied`` are not among them: removing those must first put the base weight back.
+_DELETED_WITH_ADAPTER = ("nlora_fingerprint", "nlora_init_error")
+
+
+def _register_records(module: LoraLayer) -> None:
+    """Create the per-adapter record dicts where PEFT's adapter bookkeeping sees them, and make the
+    disabled-adapter forward give the original base model (not the residual one)."""
+    for name in _DELETED_WITH_ADAPTER:
+        if not hasattr(module, name):
+            setattr(module, name, {})
+    missing = tuple(n for n in _DELETED_WITH_ADAPTER if n not in module.other_param_names)
+    if missing:
+        module.other_param_names = tuple(module.other_param_names) + missing
+    if not getattr(module, "nlora_hooked", False):
+        module.register_forward_hook(_add_back_residual_when_disabled, with_kwargs=True)
+        module.nlora_hooked = True
+
+
+def residual_holder(module: LoraLayer) -> str | None:
+    """The adapter whose initial delta this layer's base weight currently has subtracted, if any."""
+    return next(iter(getattr(module, "nlora_initial", {})), None)
+
+
+def _share_residual(module: LoraLayer, adapter: str, holder: str) -> nystrom.Factors:
+    """A second residual adapter on an already residual layer: it starts from the same initial state."""
+    factors, scaling = module.nlora_initial[holder]
+    if module.scaling[adapter] != scaling or module.r[adapter] != factors.A.shape[0]:
+        raise ValueError(  # NLoraModel refuses such configs before injection; this guards other callers
+            f"NLoRA adapter '{adapter}' cannot share the residual of adapter '{holder}': their rank or scaling "
+            "differ; give it the same config or use residual=False."
+        )
+    module.nlora_initial[adapter] = (factors, scaling)
+    for name in _DELETED_WITH_ADAPTER:
+        if holder in getattr(module, name):
+            getattr(module, name)[adapter] = getattr(module, name)[holder]
+    return nystrom.Factors(A=factors.A.clone(), N=factors.N.clone(), B=factors.B.clone())
+
+
+def _add_back_residual_when_disabled(self: LoraLayer, args: tuple, kwargs: dict, result: torch.Tensor):
+    """Forward hook: with adapters disabled, add the residual's initial delta back, so that ``disable_adapter()``
+    (TRL's reference model) is the model the user started from, not ``W - s B0 N0 A0``."""
+    holder = residual_holder(self) if self.disable_adapters else None
+    if holder is None:
+        return None
+    x = args[0] if args else kwargs["x"] if "x" in kwargs else kwargs["input"]
+    factors, scaling = self.nlora_initial[holder]
+    A, N, B = (t.to(result.device) for t in (factors.A, factors.N, factors.B))
+    if isinstance(self, LoraEmbedding):  # the factors describe W^T: rows of (B N A)^T picked by the token ids
+        delta = torch.nn.functional.embedding(x, A.T) @ (B @ N).T
+    else:
+        delta = x.to(A.dtype) @ (B @ N @ A).T
+    return result + (scaling * delta).to(result.dtype)
 
 
 def _freeze_factors(module: LoraLayer, adapter: str) -> None:
@@ -245,7 +302,6 @@ def _subtract_residual(module: LoraLayer, adapter: str, factors: nystrom.Factors
             error_sq = max(norm_sq - factors.captured_energy, 0.0)
         else:
             error_sq = torch.linalg.matrix_norm(residual).item() ** 2
-        module.nlora_init_error = getattr(module, "nlora_init_error", {})
         module.nlora_init_error[adapter] = (error_sq / max(norm_sq, 1e-30)) ** 0.5
         if quantized(base):  # QNLoRA: the base becomes quantise(W - s B N A)
             _requantize(base, residual)
@@ -256,10 +312,17 @@ def _subtract_residual(module: LoraLayer, adapter: str, factors: nystrom.Factors
 
 
 def restore_base(module: LoraLayer, adapter: str) -> None:
-    """Undo what ``init_adapter`` did to the base weight for ``adapter``: the residual, and any untying."""
+    """Undo what ``init_adapter`` did to the base weight for ``adapter``: the residual, and any untying.
+
+    A residual shared with other adapters stays until the last of them goes."""
     initial = getattr(module, "nlora_initial", {}).pop(adapter, None)
     base = module.get_base_layer()
     original = getattr(module, "nlora_untied", {}).pop(adapter, None)
+    heir = residual_holder(module)
+    if initial is not None and heir is not None:
+        if original is not None:  # the remaining adapter now owns the untied copy
+            module.nlora_untied[heir] = original
+        return
     if original is not None:  # the shared weight was never modified: put it back and the model is tied again
         base._parameters["weight"] = original
         return

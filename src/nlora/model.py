@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
@@ -172,6 +173,13 @@ class NLoraModel(LoraModel):
         config = self.peft_config[adapter_name]
         if not isinstance(config, NLoraConfig):
             raise TypeError(f"NLoraModel needs an NLoraConfig, got {type(config).__name__}; use peft.LoraConfig apart.")
+        if config.uses_residual and config.quantized_residual == "keep" and self._any_quantized_target(model, config):
+            # 'keep' leaves the 4/8-bit weights as they are and starts N at zero: that is a non-residual adapter, and
+            # its saved config must say so, or a load on a full-precision copy of the base would subtract B0 N0 A0
+            index = config.__dict__.get("_checkpoint_index")
+            config = self.peft_config[adapter_name] = dataclasses.replace(config, intermediate_init="zero")
+            if index is not None:
+                config._checkpoint_index = index
         if kwargs.get("state_dict") is None:
             # before any module is replaced, so that errors leave the model as it was
             targets = self._check_all_targets(model, config)
@@ -181,6 +189,10 @@ class NLoraModel(LoraModel):
         self._shared_weights = shared_weights(model)
         keep_trainable_on_cpu(model)
         super().inject_adapter(model, adapter_name, **kwargs)
+
+    def _any_quantized_target(self, model: nn.Module, config: NLoraConfig) -> bool:
+        config = self._prepare_adapter_config(copy.copy(config), self.get_model_config(model))
+        return any(quantized(base) for base, _ in targeted_modules(model, config).values())
 
     def _check_all_targets(self, model: nn.Module, config: NLoraConfig) -> dict[str, tuple[nn.Module, int]]:
         """Check every module the config targets; return ``{key: (base layer, rank)}``."""
@@ -202,11 +214,17 @@ class NLoraModel(LoraModel):
 
     def _check_new_adapter_config(self, config: NLoraConfig) -> None:
         super()._check_new_adapter_config(config)
-        others = [(name, c) for name, c in self.peft_config.items() if c is not config]
-        if others and (config.uses_residual or any(getattr(c, "uses_residual", False) for _, c in others)):
+        # PEFT has already stored the new config: drop one entry of it (by position: TRL passes the same object
+        # again for its reference adapter, and that second name is another adapter all the same)
+        others = list(self.peft_config.items())
+        others.pop(max(i for i, (_, c) in enumerate(others) if c is config))
+        residual = config.uses_residual or any(getattr(c, "uses_residual", False) for _, c in others)
+        clash = next((name for name, c in others if not config.shares_residual_with(c)), None)
+        if residual and clash is not None:
             raise ValueError(
-                "A residual NLoRA adapter (init 'nlora' with residual=True) changes the base weight, so it must be the "
-                f"only adapter on the model (found '{others[0][0]}'); use residual=False or intermediate_init='zero'."
+                "A residual NLoRA adapter (init 'nlora' with residual=True) changes the base weight, so another "
+                f"adapter may join it only with the very same init settings (adapter '{clash}' differs); pass the "
+                "same NLoraConfig, or use residual=False or intermediate_init='zero'."
             )
 
     # --- removal restores the base weights ----------------------------------------------------------------

@@ -1,0 +1,125 @@
+"""A residual adapter (W becomes W - s B0 N0 A0) is right through every path that adds, disables or removes one:
+a second adapter with the same config (TRL's reference adapter), ``disable_adapter`` (TRL DPO's reference model),
+PEFT's ``delete_adapter`` bookkeeping, and the quantised 'keep' adapter on a full-precision base."""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from cli_fixtures import arithmetic_rows, make_tiny_model
+from conftest import RESIDUAL, make_config, train
+from models import build, output
+from nlora.layer import _DELETED_WITH_ADAPTER
+
+
+def _residual_model(model_name: str, mode: str, **overrides):
+    base, x = build(model_name)
+    return base, x, get_peft_model(copy.deepcopy(base), make_config(model_name, mode, **overrides))
+
+
+def _nlora_records(model) -> dict[str, set]:
+    """Every per-adapter ``nlora*`` record on every layer: ``{attribute: adapter names}``."""
+    found = {}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name.startswith("nlora") and isinstance(value, dict | set):
+                found.setdefault(name, set()).update(value)
+    return found
+
+
+@pytest.mark.parametrize("model_name", ["llama", "tied_llama", "gpt2", "embedding"])
+@pytest.mark.parametrize("mode", sorted(RESIDUAL))
+def test_second_adapter_with_the_same_config_shares_the_residual(model_name, mode):
+    base, x, pm = _residual_model(model_name, mode)
+    expected = output(base, x).detach()
+    train(pm, x)
+    trained = output(pm, x).detach()
+    pm.add_adapter("ref", pm.peft_config["default"])  # what TRL does for its reference adapter
+    pm.set_adapter("default")
+    torch.testing.assert_close(output(pm, x), trained)  # nothing subtracted a second time
+    pm.set_adapter("ref")
+    torch.testing.assert_close(output(pm, x), expected, atol=1e-5, rtol=1e-5)  # the new adapter starts at the base
+    with pm.disable_adapter():
+        torch.testing.assert_close(output(pm, x), expected, atol=1e-5, rtol=1e-5)
+    pm.delete_adapter("default")  # the residual stays for 'ref'
+    torch.testing.assert_close(output(pm, x), expected, atol=1e-5, rtol=1e-5)
+    assert all(names <= {"ref"} for key, names in _nlora_records(pm).items() if key != "nlora_hooked")
+    restored = pm.unload()
+    for (name, p), q in zip(restored.named_parameters(), base.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_an_adapter_with_other_init_settings_is_refused_before_anything_changes():
+    base, x, pm = _residual_model("llama", "nlora")
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    with pytest.raises(ValueError, match=r"adapter 'default' differs\); pass the same NLoraConfig"):
+        pm.add_adapter("other", make_config("llama", "nlora", init_seed=1))
+    assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters())
+    with pytest.raises(ValueError, match=r"adapter 'default' differs"):
+        pm.add_adapter("slora", make_config("llama", "slora"))
+
+
+@pytest.mark.parametrize("model_name", ["llama", "tied_llama", "gpt2", "embedding", "mlp"])
+@pytest.mark.parametrize("mode", sorted(RESIDUAL))
+def test_disabled_adapters_give_the_original_base_model(model_name, mode):
+    base, x, pm = _residual_model(model_name, mode)
+    train(pm, x)
+    assert not torch.allclose(output(pm, x), output(base, x), atol=1e-4)  # training moved the model
+    with pm.disable_adapter():
+        torch.testing.assert_close(output(pm, x), output(base, x), atol=1e-5, rtol=1e-5)
+    pm.merge_adapter()
+    with pm.disable_adapter():
+        torch.testing.assert_close(output(pm, x), output(base, x), atol=1e-5, rtol=1e-5)
+
+
+def test_delete_adapter_leaves_no_per_adapter_record():
+    base, x, pm = _residual_model("llama", "inttune", save_frozen_factors=False)
+    pm.add_adapter("second", pm.peft_config["default"])
+    assert {"nlora_initial", *_DELETED_WITH_ADAPTER} <= _nlora_records(pm).keys()
+    pm.delete_adapter("second")
+    records = _nlora_records(pm)
+    assert all(names <= {"default"} for key, names in records.items() if key != "nlora_hooked"), records
+    base_after = pm.unload()
+    assert not any(names for key, names in _nlora_records(base_after).items() if key != "nlora_hooked")
+
+
+def test_trl_dpo_reference_is_the_base_model(tmp_path):
+    """TRL's DPOTrainer takes its reference log-probs from the PEFT model with the adapter disabled: with a residual
+    adapter that must be the base model the user passed in, before and after training."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer import add_fused_lm_head
+
+    model_dir = make_tiny_model(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = copy.deepcopy(base).eval()
+    add_fused_lm_head(reference)  # what TRL does to its own reference models
+    rows = arithmetic_rows(8)
+    dataset = Dataset.from_list(
+        [{"prompt": r["question"], "chosen": " " + r["answer"], "rejected": " " + r["answer"][::-1]} for r in rows]
+    )
+    config = make_config("llama", "nlora", task_type="CAUSAL_LM")
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                     report_to=[], use_cpu=True, save_strategy="no", max_length=64)  # fmt: skip
+    trainer = DPOTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=config)
+    batch = next(iter(trainer.get_train_dataloader()))
+
+    def logps(model, reference_path: bool):
+        """TRL's log-prob code; ``reference_path`` runs it the way TRL gets its reference (adapter disabled)."""
+        trainer.ref_model = None if reference_path else reference  # a set ref_model switches the adapter context off
+        model.eval()
+        with torch.no_grad():
+            return torch.stack(trainer.compute_ref_log_probs(model, batch))
+
+    base_logps = logps(reference, reference_path=False)
+    torch.testing.assert_close(logps(trainer.model, reference_path=False), base_logps, atol=1e-3, rtol=1e-4)  # step 0
+    trainer.ref_model = None
+    trainer.train()
+    ref_logps = logps(trainer.model, reference_path=True)
+    assert not torch.allclose(logps(trainer.model, reference_path=False), base_logps, atol=1e-2)  # the policy moved
+    torch.testing.assert_close(ref_logps, base_logps, atol=1e-3, rtol=1e-4)
+    print("DPO reference vs base log-prob max abs diff:", (ref_logps - base_logps).abs().max().item())
