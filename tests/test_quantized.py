@@ -183,3 +183,25 @@ def test_cli_trains_on_4bit_and_8bit_bases(tmp_path):
     assert train("pissa", "--load-in-4bit", "--method", "pissa") == 2
     assert train("both", "--load-in-4bit", "--load-in-8bit") == 2
     assert not (tmp_path / "pissa").exists() and not (tmp_path / "both").exists()
+
+
+@pytest.mark.parametrize("mode", ["nlora", "inttune"])
+def test_keep_adapter_trained_on_4bit_serves_on_a_full_precision_base(model_dir, mode, tmp_path):
+    """The QLoRA deployment: train on NF4, load the adapter on the full-precision model. 'keep' subtracts nothing
+    and starts N at 0, so the saved adapter is a plain (non-residual) one and the load must not subtract either."""
+    import json
+
+    model = train(get_peft_model(load(model_dir, "nf4"), NLoraConfig(r=4, target_modules=TARGETS, **MODES[mode])))
+    trained = logits(model)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["intermediate_init"] == "zero"  # says what it is: nothing was subtracted
+    full = load(model_dir)
+    full_weights = {n: p.detach().clone() for n, p in full.named_parameters()}
+    gap = (logits(full) - logits(load(model_dir, "nf4"))).abs().mean()  # what the precision alone changes
+    for dtype in (torch.float32, torch.bfloat16):
+        served = PeftModel.from_pretrained(load(model_dir).to(dtype), tmp_path).float()
+        assert (logits(served) - trained).abs().mean() < 1.5 * gap + 0.01, dtype
+    served = PeftModel.from_pretrained(full, tmp_path)
+    assert all(torch.equal(p, full_weights[n.replace(".base_layer", "")])
+               for n, p in served.get_base_model().named_parameters() if "lora_" not in n)  # fmt: skip
