@@ -57,6 +57,23 @@ def test_quantised_or_integer_weight_is_refused_with_a_way_forward(init):
     assert isinstance(model.lin1, nn.Linear) and not hasattr(model.lin1, "base_layer")
 
 
+def test_torch_dynamic_int8_model_is_refused_with_bitsandbytes_named():
+    model = torch.ao.quantization.quantize_dynamic(MLP(), {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ValueError, match=r"module 'lin0': its Linear weight \(packed, from torch\.ao\..*bitsandbytes"):
+        get_peft_model(model, NLoraConfig(r=2, target_modules=["lin0", "lin1"]))
+
+
+def test_quantised_cli_run_without_bitsandbytes_names_the_install(monkeypatch, capsys, tmp_path):
+    import sys
+
+    from nlora.cli import main
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what an install without the [quant] extra looks like
+    assert main(["train", "--load-in-4bit", "--output-dir", str(tmp_path / "run")]) == 2
+    assert 'pip install "nlora[quant]"' in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_inttune_with_zero_factors_is_refused():
     with pytest.raises(ValueError, match="B at zero, so N would never get a gradient"):
         NLoraConfig(init_lora_weights="slora", train_intermediate_only=True)

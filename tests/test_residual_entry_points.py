@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 
 from cli_fixtures import arithmetic_rows, make_tiny_model
 from conftest import RESIDUAL, make_config, train

@@ -45,11 +45,12 @@ def check_target(key: str, base_layer: nn.Module, config: NLoraConfig, r: int) -
     weight = getattr(base_layer, "weight", None)
     other_quantizer = not quantized(base_layer) and (
         any(h in type(base_layer).__module__ for h in _QUANTIZED_MODULE_HINTS)
-        or (weight is not None and not weight.dtype.is_floating_point)
+        or (weight is not None and not isinstance(weight, torch.Tensor))  # torch.ao's packed weight() method
+        or (isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point)
     )
     if other_quantizer:
         raise ValueError(
-            f"NLoRA cannot adapt module '{key}': its {kind} weight ({getattr(weight, 'dtype', 'no dtype')}, from "
+            f"NLoRA cannot adapt module '{key}': its {kind} weight ({getattr(weight, 'dtype', 'packed')}, from "
             f"{type(base_layer).__module__}) is quantised or integer in a format nlora cannot read; quantise with "
             "bitsandbytes (4-bit or 8-bit) instead, or load the base model in fp32/bf16."
         )

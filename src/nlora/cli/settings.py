@@ -9,6 +9,7 @@ given on the command line overrides the file.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -192,6 +193,11 @@ class TrainSettings(OutputSettings, OptimSettings, AdapterSettings, DataSettings
             raise SettingsError(
                 "PiSSA needs full-precision weights (PEFT refuses quantised ones); use --method nlora, whose residual "
                 "is computed in full precision before quantising (QNLoRA), or --method lora (QLoRA)."
+            )
+        if self.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+            raise SettingsError(
+                f"--quantization {self.quantization} needs bitsandbytes, which is not installed; run: "
+                'pip install "nlora[quant]".'
             )
         if self.resume and self.overwrite:
             raise SettingsError("--resume continues a run and --overwrite replaces it; pass only one of them.")
