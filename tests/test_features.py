@@ -38,11 +38,11 @@ def test_two_adapters_switch_mix_and_delete(model_name):
     torch.testing.assert_close(output(model, x), out_default)
 
 
-def test_a_residual_adapter_must_be_alone():
+def test_a_residual_adapter_is_joined_only_by_the_same_init():
     base, _ = build("mlp")
     model = get_peft_model(base, make_config("mlp", "nlora"))
     before = snapshot(model)
-    with pytest.raises(ValueError, match="only adapter"):
+    with pytest.raises(ValueError, match="only with the very same init settings"):
         model.add_adapter("other", make_config("mlp", "slora"))
     assert "other" not in model.peft_config
     assert all(torch.equal(v, snapshot(model)[k]) for k, v in before.items())

@@ -158,7 +158,7 @@ def test_other_quantisers_are_refused_with_bitsandbytes_named(model_dir):
         get_peft_model(model, NLoraConfig(r=4, target_modules=TARGETS))
 
 
-def test_cli_trains_on_4bit_and_8bit_bases(tmp_path):
+def test_cli_trains_on_4bit_and_8bit_bases(tmp_path, capsys):
     import json
 
     from cli_fixtures import arithmetic_rows, make_tiny_model, write_jsonl
@@ -175,6 +175,14 @@ def test_cli_trains_on_4bit_and_8bit_bases(tmp_path):
     adapter = json.loads((tmp_path / "qnlora" / "adapter" / "adapter_config.json").read_text())
     assert adapter["residual"] is False and adapter["base_model_name_or_path"].endswith("residual-base")
     assert (tmp_path / "qnlora" / "residual-base" / "model.safetensors").exists()
+    # the QNLoRA adapter belongs to residual-base/: evaluated on the original model it is refused, not mis-scored
+    evaluated = ["eval", "--model", str(model), "--adapter", str(tmp_path / "qnlora" / "adapter"), "--data", str(data),
+                 "--output-dir", str(tmp_path / "qnlora-eval"), "--limit", "2", "--max-new-tokens", "4"]  # fmt: skip
+    capsys.readouterr()
+    assert main(evaluated) == 2
+    assert "trained on another base model" in capsys.readouterr().err
+    own_base = [*evaluated[:1], *evaluated[3:-6], "--output-dir", str(tmp_path / "own-eval"), *evaluated[-4:]]
+    assert main(own_base) == 0  # the base the adapter names: its residual-base/
     assert train("qlora", "--load-in-4bit", "--method", "lora") == 0
     config = tmp_path / "int8.yaml"
     config.write_text("quantization: int8\nmethod: inttune\n")
@@ -205,3 +213,20 @@ def test_keep_adapter_trained_on_4bit_serves_on_a_full_precision_base(model_dir,
     served = PeftModel.from_pretrained(full, tmp_path)
     assert all(torch.equal(p, full_weights[n.replace(".base_layer", "")])
                for n, p in served.get_base_model().named_parameters() if "lora_" not in n)  # fmt: skip
+
+
+def test_refused_load_on_a_4bit_base_leaves_every_byte(model_dir, tmp_path):
+    """A QNLoRA ('requantize') adapter onto another NF4 model: refused before any weight is requantised."""
+    from transformers import LlamaForCausalLM
+
+    config = NLoraConfig(r=4, target_modules=TARGETS, quantized_residual="requantize")
+    train(get_peft_model(load(model_dir, "nf4"), config)).save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(7)
+    LlamaForCausalLM(load(model_dir).config).save_pretrained(tmp_path / "other")
+    other = load(tmp_path / "other", "nf4")
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    before_logits = logits(other)
+    with pytest.raises(ValueError, match="trained on another base model"):
+        PeftModel.from_pretrained(other, tmp_path / "adapter")
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+    torch.testing.assert_close(logits(other), before_logits, atol=0, rtol=0)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 from cli_fixtures import arithmetic_rows, make_tiny_model
 from conftest import RESIDUAL, make_config, train
@@ -123,3 +123,45 @@ def test_trl_dpo_reference_is_the_base_model(tmp_path):
     assert not torch.allclose(logps(trainer.model, reference_path=False), base_logps, atol=1e-2)  # the policy moved
     torch.testing.assert_close(ref_logps, base_logps, atol=1e-3, rtol=1e-4)
     print("DPO reference vs base log-prob max abs diff:", (ref_logps - base_logps).abs().max().item())
+
+
+def _saved_residual_adapter(tmp_path, mode="nlora"):
+    base, x, pm = _residual_model("llama", mode)
+    train(pm, x)
+    pm.save_pretrained(tmp_path / "adapter")
+    return base, x, output(pm, x).detach()
+
+
+def test_transformers_load_adapter_checks_the_base(tmp_path):
+    base, x, trained = _saved_residual_adapter(tmp_path)
+    model = copy.deepcopy(base)
+    model.load_adapter(str(tmp_path / "adapter"))  # transformers' own adapter API
+    torch.testing.assert_close(output(model, x), trained, atol=1e-5, rtol=1e-5)
+    other = build("llama", seed=5)[0]
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match=r"trained on another base model: the weight of 'model\.layers\.0\."):
+        other.load_adapter(str(tmp_path / "adapter"))
+    assert {n: p for n, p in other.named_parameters()}.keys() == before.keys()  # no adapter layer left behind
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+
+
+def test_residual_model_adapter_names_its_base_and_refuses_the_original(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from nlora import save_residual_model
+
+    base, x = build("llama")
+    base.save_pretrained(tmp_path / "original")
+    original_logits = output(base, x).detach()
+    config = make_config("llama", "nlora", task_type="CAUSAL_LM")
+    save_residual_model(AutoModelForCausalLM.from_pretrained(tmp_path / "original"), config, tmp_path / "residual")
+    adapter = tmp_path / "residual" / "initial_adapter"
+    # AutoPeftModel follows base_model_name_or_path: the residual base, and the step-0 model is the original one
+    auto = AutoPeftModelForCausalLM.from_pretrained(adapter)
+    torch.testing.assert_close(output(auto, x), original_logits, atol=1e-5, rtol=1e-5)
+    for load in (PeftModel.from_pretrained, lambda m, a: m.load_adapter(str(a))):
+        original = AutoModelForCausalLM.from_pretrained(tmp_path / "original")
+        with pytest.raises(ValueError, match="trained on another base model"):
+            load(original, adapter)
+        torch.testing.assert_close(output(original, x), original_logits, atol=0, rtol=0)

@@ -60,4 +60,4 @@ def test_real_smollm2_with_lm_head_target_is_unchanged_at_step_0():
         assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() == 1.0
         unloaded = model.unload()
         assert unloaded.lm_head.weight is unloaded.model.embed_tokens.weight
-        torch.testing.assert_close(unloaded(x).logits, reference, atol=1e-4, rtol=0)
+        torch.testing.assert_close(unloaded(x).logits, reference, atol=1e-4, rtol=1e-5)  # one fp32 rounding of W

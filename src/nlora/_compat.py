@@ -34,6 +34,7 @@ from peft.utils.integrations import gather_params_ctx, get_bnb_param_type  # noq
 from peft.utils.other import transpose  # noqa: E402
 
 __all__ = [
+    "check_transformers_adapter_loads",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
     "PEFT_TYPE_TO_PREFIX_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",
@@ -72,3 +73,35 @@ def register_peft_type(peft_type, config_cls, model_cls, prefix: str) -> None:
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
+
+
+def check_transformers_adapter_loads() -> None:
+    """Make transformers' ``model.load_adapter(dir)`` read an NLoRA adapter's config through ``NLoraConfig``.
+
+    transformers builds the config with ``PeftConfig.from_pretrained`` (no checkpoint read) and loads the tensors
+    with its own loader, so neither the shape and base-weight checks nor the residual's fingerprints would run;
+    with the config read by ``NLoraConfig.from_pretrained`` they run at injection, before any weight is written.
+    Other adapters go to transformers unchanged.
+    """
+    import functools
+    import json
+    from pathlib import Path
+
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    original = PeftAdapterMixin.load_adapter
+    if getattr(original, "_nlora_checked", False):
+        return
+
+    @functools.wraps(original)
+    def load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, *args, **kwargs):
+        config_file = Path(str(peft_model_id)) / "adapter_config.json" if peft_model_id is not None else None
+        if peft_config is None and config_file is not None and config_file.is_file():
+            if json.loads(config_file.read_text(encoding="utf-8")).get("peft_type") == "NLORA":
+                from .config import NLoraConfig
+
+                peft_config = NLoraConfig.from_pretrained(peft_model_id)
+        return original(self, peft_model_id, adapter_name, peft_config, *args, **kwargs)
+
+    load_adapter._nlora_checked = True
+    PeftAdapterMixin.load_adapter = load_adapter

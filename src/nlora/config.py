@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from peft import LoraConfig
 
-from .files import read_adapter
+from .files import FINGERPRINT_SUFFIX, read_adapter
 from .nystrom import CORES, LANDMARKS
 
 
@@ -202,15 +202,21 @@ class NLoraConfig(LoraConfig):
         """Load the config; for a local adapter also read its safetensors file now, so that a damaged, pickled or
         mismatched checkpoint is refused before any model is touched (not half-way through loading)."""
         path = Path(pretrained_model_name_or_path) / (subfolder or "")
-        index = None
+        index = fingerprints = None
         if path.is_dir():
             _, tensors = read_adapter(path)
             index = {
                 k: (tuple(v.shape), bool(not v.is_floating_point() or torch.isfinite(v).all()))
                 for k, v in tensors.items()
             }
+            fingerprints = {
+                k.removeprefix("base_model.model.").removesuffix(f".{FINGERPRINT_SUFFIX}"): v.tolist()
+                for k, v in tensors.items()
+                if k.endswith(f".{FINGERPRINT_SUFFIX}")
+            }
             del tensors
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if index is not None:
-            config._checkpoint_index = index  # checked against the model before injection (not saved)
+        if index is not None:  # checked against the model before injection, before any weight is written (not saved)
+            config._checkpoint_index = index
+            config._checkpoint_fingerprints = fingerprints
         return config

@@ -13,8 +13,16 @@ from torch import nn
 
 from ._compat import LoraLayer
 from .config import INIT_ALIASES, NLoraConfig
-from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_MARKER, atomic_directory, check_destination, read_adapter
-from .layer import FINGERPRINT_SUFFIX, adapter_param, factor_names
+from .files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    EXPORT_MARKER,
+    FINGERPRINT_SUFFIX,
+    atomic_directory,
+    check_destination,
+    read_adapter,
+)
+from .layer import adapter_param, factor_names
 
 _BASE_PREFIX = "base_model.model."
 

@@ -22,6 +22,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_MARKER = ".nlora-run"  # in every folder that `nlora train` created
 EXPORT_MARKER = ".nlora-export"  # in every folder that export_lora / `nlora export` wrote
+# Saved next to an adapter's tensors (``<module>.nystrom_fingerprint``) when its load must check the base weight (a
+# residual, an N-only checkpoint, an adapter made for a residual base): compared with the base it is loaded onto.
+FINGERPRINT_SUFFIX = "nystrom_fingerprint"
 
 
 def check_destination(

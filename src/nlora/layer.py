@@ -24,9 +24,9 @@ from ._compat import (
 from .config import NLoraConfig
 from .variants import SLoraEmbeddingVariant, SLoraLinearVariant, embedding_mixed_batch_forward
 
-# Saved next to an adapter's tensors (``<module>.nystrom_fingerprint``) when reloading it re-derives its init from
-# the base weight (residual or N-only): the load compares it with the init re-derived from the new base.
-FINGERPRINT_SUFFIX = "nystrom_fingerprint"
+# bitsandbytes 4/8-bit weights count as bf16-precise for the fingerprint tolerance: their rounding moves ||W|| by
+# about 0.5%, well inside bf16's 2 * 2^-7, while a residual or another checkpoint moves it by more.
+QUANTIZED_EPS = torch.finfo(torch.bfloat16).eps
 
 
 def factor_names(module: LoraLayer) -> tuple[str, str]:
@@ -82,6 +82,17 @@ def _requantize(base_layer: nn.Module, dense: torch.Tensor) -> None:
         base_layer.state.reset_grads()  # the old int8 scales belong to the old weight
         base_layer.state.SCB = None
     base_layer.weight = new.to(old.device)
+
+
+def precision_eps(base_layer: nn.Module) -> float:
+    """The relative precision of the base weight, which the fingerprint tolerance scales with."""
+    return QUANTIZED_EPS if quantized(base_layer) else torch.finfo(base_layer.weight.dtype).eps
+
+
+def base_fingerprint(base_layer: nn.Module) -> list[float]:
+    """The base weight's checksum and precision: the first three numbers of :func:`nystrom.init_fingerprint`."""
+    with gather_params_ctx(base_layer.weight, modifier_rank=None):
+        return [*nystrom.weight_fingerprint(dense_weight(base_layer)), precision_eps(base_layer)]
 
 
 def weight_shape(base_layer: nn.Module) -> tuple[int, int]:
@@ -149,7 +160,7 @@ def _initial_factors(module: LoraLayer, adapter: str, config: NLoraConfig, key: 
                     generator=generator,
                 )
             if config.rederives_init:  # only a residual or an N-only checkpoint is ever checked against it
-                module.nlora_fingerprint[adapter] = nystrom.init_fingerprint(w, factors)
+                module.nlora_fingerprint[adapter] = nystrom.init_fingerprint(w, factors, precision_eps(base))
             if config.intermediate_init == "zero":
                 factors.N = torch.zeros_like(factors.N)
         return factors

@@ -19,8 +19,9 @@ from ._compat import (
 )
 from .config import NYSTROM_INITS, NLoraConfig
 from .distributed import distributed_ready
+from .files import FINGERPRINT_SUFFIX
 from .layer import (
-    FINGERPRINT_SUFFIX,
+    base_fingerprint,
     dense_weight,
     factor_names,
     init_adapter,
@@ -181,15 +182,20 @@ class NLoraModel(LoraModel):
             config = self.peft_config[adapter_name] = dataclasses.replace(config, intermediate_init="zero")
             if index is not None:
                 config._checkpoint_index = index
+        verified = {}
         if kwargs.get("state_dict") is None:
             # before any module is replaced, so that errors leave the model as it was
             targets = self._check_all_targets(model, config)
             index = config.__dict__.pop("_checkpoint_index", None)
             if index is not None:
                 check_checkpoint_index(index, targets, config)
+            verified = check_base_fingerprints(targets, config.__dict__.pop("_checkpoint_fingerprints", None) or {})
         self._shared_weights = shared_weights(model)
         keep_trainable_on_cpu(model)
         super().inject_adapter(model, adapter_name, **kwargs)
+        for key, live in verified.items():  # a later save of this adapter records the base it was verified on
+            layer = model.get_submodule(key)
+            layer.nlora_fingerprint.setdefault(adapter_name, live)
 
     def _any_quantized_target(self, model: nn.Module, config: NLoraConfig) -> bool:
         config = self._prepare_adapter_config(copy.copy(config), self.get_model_config(model))
@@ -283,7 +289,7 @@ class NLoraModel(LoraModel):
         if not getattr(config, "save_frozen_factors", True):  # IntTune N-only: A and B are re-derived at load
             frozen = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
             to_return = {k: v for k, v in to_return.items() if not any(f".{n}." in k for n in frozen)}
-        if getattr(config, "rederives_init", False):
+        if isinstance(config, NLoraConfig):  # residual, N-only, or made for a residual base
             for name, module in model.named_modules():
                 recorded = getattr(module, "nlora_fingerprint", {}).get(adapter_name)
                 if recorded is not None:
@@ -309,6 +315,27 @@ class NLoraModel(LoraModel):
         return remapped
 
 
+def check_base_fingerprints(targets: dict[str, tuple[nn.Module, int]], recorded: dict) -> dict[str, list[float]]:
+    """Refuse a base model other than the one an adapter's fingerprints name, before anything is written; return
+    the live base fingerprints ``{key: [norm, sum, eps]}`` of the modules that were checked."""
+    live = {}
+    for key, (base, _) in targets.items():
+        saved = recorded.get(key)
+        if saved is None:
+            continue
+        live[key] = base_fingerprint(base)
+        if not nystrom.same_base(saved, live[key]):
+            raise ValueError(_OTHER_BASE.format(key=key))
+    return live
+
+
+_OTHER_BASE = (
+    "The NLoRA adapter was trained on another base model: the weight of '{key}' does not match the fingerprint "
+    "recorded in the checkpoint; load it on the base model it names (base_model_name_or_path in its "
+    "adapter_config.json; for a residual base, the folder save_residual_model or `nlora train` wrote)."
+)
+
+
 def _check_fingerprints(model: nn.Module, adapter_name: str, recorded: dict, factors_needed: bool) -> None:
     """Refuse a base model other than the one the checkpoint was trained from, and an N-only checkpoint whose
     frozen factors this base does not reproduce."""
@@ -319,10 +346,7 @@ def _check_fingerprints(model: nn.Module, adapter_name: str, recorded: dict, fac
             continue
         key = name.removeprefix(_BASE_PREFIX)
         if not nystrom.same_base(saved, live):
-            raise ValueError(
-                f"The NLoRA adapter was trained on another base model: the weight of '{key}' does not match the "
-                "fingerprint recorded in the checkpoint; load it on the base model it was trained with."
-            )
+            raise ValueError(_OTHER_BASE.format(key=key))
         if factors_needed and not nystrom.same_factors(saved, live):
             raise ValueError(
                 f"The N-only checkpoint's frozen factors for '{key}' do not come out the same from this copy of the "

@@ -256,10 +256,12 @@ def weight_fingerprint(weight: torch.Tensor, norms: torch.Tensor | None = None) 
     return [total, (_position_weights(norms_sq.shape[0], norms_sq.device) @ norms_sq).item() / max(total, 1e-30)]
 
 
-def init_fingerprint(weight: torch.Tensor, factors: Factors) -> list[float]:
+def init_fingerprint(weight: torch.Tensor, factors: Factors, eps: float | None = None) -> list[float]:
     """What identifies a Nyström init: the fingerprint of W (its norm catches a scaled W, which leaves orthonormal
-    A and B unchanged), the machine epsilon of W's dtype, then the fingerprints of the initial A, N and B."""
-    return [*weight_fingerprint(weight, factors.weight_row_norms), torch.finfo(weight.dtype).eps,
+    A and B unchanged), the precision of W (``eps``, default the machine epsilon of its dtype), then the
+    fingerprints of the initial A, N and B."""
+    eps = torch.finfo(weight.dtype).eps if eps is None else eps
+    return [*weight_fingerprint(weight, factors.weight_row_norms), eps,
             *fingerprint(factors.A), *fingerprint(factors.N), *fingerprint(factors.B)]  # fmt: skip
 
 
@@ -269,8 +271,9 @@ def _close(a: list[float], b: list[float], rtol: float) -> bool:
 
 
 def same_base(a: list[float], b: list[float]) -> bool:
-    """Whether two :func:`init_fingerprint` results come from the same W, up to the coarser of the two dtypes."""
-    return len(a) == len(b) == 9 and _close(a[:2], b[:2], 1e-5 + 2 * max(a[2], b[2]))
+    """Whether two fingerprints (:func:`init_fingerprint`, or its first three numbers: W's checksum and precision)
+    come from the same W, up to the coarser of the two precisions."""
+    return min(len(a), len(b)) >= 3 and _close(a[:2], b[:2], 1e-5 + 2 * max(a[2], b[2]))
 
 
 def same_factors(a: list[float], b: list[float]) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 from ._compat import LoraModel
 from .config import NLoraConfig
 from .files import EXPORT_MARKER, atomic_directory, check_destination
-from .layer import quantized
+from .layer import base_fingerprint, quantized
 
 ADAPTER_SUBDIR = "initial_adapter"
 
@@ -29,7 +29,9 @@ def save_residual_model(
     ``model`` must be the full-precision base model; it is consumed (it holds the residual weights afterwards).
     Then load ``out_dir`` with a ``BitsAndBytesConfig`` and ``PeftModel.from_pretrained(q, out_dir/"initial_adapter",
     is_trainable=True)``: the step-0 model is ``quantise(W - sBNA) + sBNA``. The initial adapter's config says
-    ``residual=False`` (its base already holds the residual), so loading it never rewrites the quantised weights.
+    ``residual=False`` (its base already holds the residual), so loading it never rewrites the quantised weights;
+    it names ``out_dir`` (absolute) as its base model and records the residual weights' fingerprints, so a load on
+    any other base (the original model included) is refused.
     """
     from peft import get_peft_model
 
@@ -41,7 +43,12 @@ def save_residual_model(
     check_destination(out_dir, EXPORT_MARKER, "residual model", overwrite)
     peft_model = get_peft_model(model, config)
     untied = any(getattr(m, "nlora_untied", None) for m in peft_model.modules())
-    reload_config = dataclasses.replace(config, residual=False, save_frozen_factors=True)
+    for layer in peft_model.modules():  # the adapter names the residual base by its weights, and refuses any other
+        if "default" in getattr(layer, "nlora_initial", {}):
+            layer.nlora_fingerprint["default"] = base_fingerprint(layer.get_base_layer())
+    reload_config = dataclasses.replace(
+        config, residual=False, save_frozen_factors=True, base_model_name_or_path=str(Path(out_dir).resolve())
+    )
     with atomic_directory(out_dir, marker=EXPORT_MARKER) as tmp:
         peft_model.peft_config["default"] = reload_config
         peft_model.save_pretrained(tmp / ADAPTER_SUBDIR)

@@ -272,7 +272,7 @@ def quantized_residual_model(settings: TrainSettings, state, model, config, toke
     quantized, _ = load_model(str(residual), settings.task, settings.num_labels, settings.trust_remote_code,
                               trainable=True, quantization=settings.quantization)  # fmt: skip
     model = PeftModel.from_pretrained(quantized, residual / ADAPTER_SUBDIR, is_trainable=True)
-    model.peft_config["default"].base_model_name_or_path = str(residual)  # the adapter belongs to this base
+    model.peft_config["default"].base_model_name_or_path = str(residual.resolve())  # the adapter belongs to this base
     return model
 
 
