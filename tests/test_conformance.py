@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from conftest import IDENTITY_AT_INIT, MODES, RESIDUAL, make_config, snapshot, train
+from conftest import IDENTITY_AT_INIT, MODES, make_config, snapshot, train
 from models import MODELS, build, output
 from nlora.layer import factor_names
 
