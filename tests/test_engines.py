@@ -27,8 +27,14 @@ def llama_dir(tmp_path_factory):
     return path
 
 
-def torchrun(script: str, *args) -> None:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPTS.parent)}
+def torchrun(script: str, *args, env: dict | None = None) -> None:
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(SCRIPTS.parent),
+        **(env or {}),
+    }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPTS / script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -36,7 +42,12 @@ def torchrun(script: str, *args) -> None:
 
 def test_deepspeed_zero3_every_init_matches_one_process_and_saves(llama_dir, tmp_path):
     pytest.importorskip("deepspeed")
-    torchrun("zero3.py", str(llama_dir), str(tmp_path))
+    # a private extensions folder holding what a killed first JIT build leaves: its lock (a run that built the
+    # shared-memory op would wait on it forever; the test's 600 s timeout would fail it)
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    torchrun("zero3.py", str(llama_dir), str(tmp_path), env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     report = json.loads((tmp_path / "report.json").read_text())
     ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
     for name in ("nlora", "nlora_reference", "slora", "inttune"):
