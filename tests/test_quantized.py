@@ -230,3 +230,16 @@ def test_refused_load_on_a_4bit_base_leaves_every_byte(model_dir, tmp_path):
         PeftModel.from_pretrained(other, tmp_path / "adapter")
     assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
     torch.testing.assert_close(logits(other), before_logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_unload_after_requantize_gives_back_the_original_codes(model_dir, quant):
+    base = load(model_dir, quant)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    reference = logits(base)
+    model = train(get_peft_model(base, NLoraConfig(r=4, target_modules=TARGETS, quantized_residual="requantize")))
+    assert any(not torch.equal(p, before[n.removeprefix("base_model.model.").replace(".base_layer", "")])
+               for n, p in base_bytes(model).items())  # fmt: skip
+    unloaded = model.unload()
+    assert all(torch.equal(p, before[n]) for n, p in unloaded.named_parameters())
+    torch.testing.assert_close(logits(unloaded), reference, atol=0, rtol=0)

@@ -7,6 +7,7 @@ initial delta from the base weight (residual) and records what it did on the lay
 
 from __future__ import annotations
 
+import copy
 import types
 import zlib
 
@@ -314,7 +315,9 @@ def _subtract_residual(module: LoraLayer, adapter: str, factors: nystrom.Factors
         else:
             error_sq = torch.linalg.matrix_norm(residual).item() ** 2
         module.nlora_init_error[adapter] = (error_sq / max(norm_sq, 1e-30)) ** 0.5
-        if quantized(base):  # QNLoRA: the base becomes quantise(W - s B N A)
+        if quantized(base):  # QNLoRA: the base becomes quantise(W - s B N A); the original codes stay for unload
+            module.nlora_quantized_original = getattr(module, "nlora_quantized_original", {})
+            module.nlora_quantized_original[adapter] = (base.weight, copy.copy(getattr(base, "state", None)))
             _requantize(base, residual)
         elif residual.data_ptr() != w.data_ptr():
             w.copy_(residual)
@@ -329,22 +332,30 @@ def restore_base(module: LoraLayer, adapter: str) -> None:
     initial = getattr(module, "nlora_initial", {}).pop(adapter, None)
     base = module.get_base_layer()
     original = getattr(module, "nlora_untied", {}).pop(adapter, None)
+    quantized_original = getattr(module, "nlora_quantized_original", {}).pop(adapter, None)
     heir = residual_holder(module)
-    if initial is not None and heir is not None:
-        if original is not None:  # the remaining adapter now owns the untied copy
+    if initial is not None and heir is not None:  # the remaining adapter now owns what is to be put back
+        if original is not None:
             module.nlora_untied[heir] = original
+        if quantized_original is not None:
+            module.nlora_quantized_original[heir] = quantized_original
         return
     if original is not None:  # the shared weight was never modified: put it back and the model is tied again
         base._parameters["weight"] = original
         return
     if initial is None:
         return
+    if quantized_original is not None:  # the very codes (and int8 scales) the model had: no second rounding
+        base._parameters["weight"], state = quantized_original
+        if state is not None:
+            base.state = state
+        return
     factors, scaling = initial
     with gather_params_ctx(base.weight, modifier_rank=0), torch.no_grad():
         w = dense_weight(base)
         w32 = w.float()
         w32.addmm_(factors.B.to(w32.device), (factors.N @ factors.A).to(w32.device), alpha=scaling)
-        if quantized(base):  # re-quantised: close to, not bit-equal with, the original quantised weight
+        if quantized(base):  # a quantised base whose original codes were not kept (rank-0-only init)
             _requantize(base, w32)
         elif w32.data_ptr() != w.data_ptr():
             w.copy_(w32)
