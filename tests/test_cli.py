@@ -334,3 +334,23 @@ def test_a_crash_mid_run_restores_the_folder_as_it_was(tiny, tmp_path, monkeypat
     assert main(base_args(tiny, run, "--overwrite")) == 2
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # the previous run is back
     assert not list(tmp_path.glob(".run.previous-*"))
+
+
+def test_the_command_line_makes_no_network_call(tmp_path):
+    """A name that is no local folder must not become Hub requests: the socket layer refuses and records any
+    connection attempt in a fresh process (huggingface_hub reads HF_HUB_OFFLINE when it is imported)."""
+    script = f"""
+import socket, sys
+attempts = []
+def refuse(self, address, *args):
+    attempts.append(address)
+    raise OSError("network is off in this test")
+socket.socket.connect = refuse
+socket.create_connection = lambda address, *a, **k: refuse(None, address)
+from nlora.cli import main
+rc = main(["eval", "--model", "some-org/some-model", "--data", "gsm8k", "--output-dir", {str(tmp_path / "out")!r}])
+print("rc", rc, "attempts", len(attempts))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "rc 2 attempts 0" in proc.stdout, proc.stdout + proc.stderr[-3000:]

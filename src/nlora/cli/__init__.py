@@ -74,9 +74,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _offline_unless_asked() -> None:
+    """No hub requests unless the user sets HF_HUB_OFFLINE=0: huggingface_hub read the variable when ``import nlora``
+    imported PEFT, so its constant is set too (a relative path that is no folder would become Hub requests)."""
+    if "HF_HUB_OFFLINE" in os.environ or "TRANSFORMERS_OFFLINE" in os.environ:
+        return
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; bad input is one line on stderr (``nlora: error: ...``) and exit code 2."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub downloads unless the user asks for them
+    _offline_unless_asked()
     argv = list(sys.argv[1:] if argv is None else argv) or ["train"]
     command, rest = argv[0], argv[1:]
     if command in ("-h", "--help"):
