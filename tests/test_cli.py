@@ -249,17 +249,39 @@ def test_eval_gsm8k_math_humaneval_classification(tiny, tmp_path):
     assert {"accuracy", "f1", "mcc"} <= set(json.loads((tmp_path / "c" / "score.json").read_text()))
 
 
+def compare_args(tiny, *extra) -> list[str]:
+    """``base_args`` for ``nlora compare``: without the output folder and the learning rate."""
+    args = base_args(tiny, "unused", "--save-steps", "0", *extra)[1:]
+    for flag in ("--output-dir", "--learning-rate"):
+        args = args[: args.index(flag)] + args[args.index(flag) + 2 :]
+    return args
+
+
 def test_compare_writes_table_and_png(tiny, tmp_path):
-    args = [a for a in base_args(tiny, tmp_path / "unused", "--save-steps", "0")[1:]]
-    args = args[: args.index("--output-dir")] + args[args.index("--output-dir") + 2 :]
+    args = compare_args(tiny)
     assert (
         main(["compare", *args, "--methods", "lora,nlora", "--seeds", "0,1", "--output-dir", str(tmp_path / "c")]) == 0
     )
     table = (tmp_path / "c" / "compare.md").read_text().splitlines()
-    assert table[0].startswith("| method | seeds | trainable params")
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["lora", "nlora"]
+    assert table[0].startswith("| method | learning rate | seeds | trainable params")
+    # no --learning-rate: each method trains at its own recommended rate (nlora.rates)
+    assert [[c.strip() for c in row.split("|")[1:3]] for row in table[2:]] == [["lora", "0.003"], ["nlora", "0.0003"]]
     assert all(" ± " in row for row in table[2:])  # two seeds: mean ± std
     assert (tmp_path / "c" / "compare.png").stat().st_size > 1000
+    runs = json.loads((tmp_path / "c" / "compare.json").read_text())
+    sources = {r["summary"]["learning_rate_source"] for r in runs}
+    assert sources == {f"the {m} default for sft, docs/benchmarks.md §3" for m in ("lora", "nlora")}
+
+
+def test_compare_at_one_shared_rate_warns_that_it_favours_some_methods(tiny, tmp_path, capsys):
+    args = compare_args(tiny, "--max-steps", "1")
+    shared = ["compare", *args, "--methods", "lora,inttune", "--learning-rate", "1e-3", "--output-dir"]
+    assert main([*shared, str(tmp_path / "c")]) == 0
+    warning = "one learning rate (0.001) for methods whose recommended rates differ 33x (lora 0.003, inttune 0.1)"
+    assert warning in capsys.readouterr().err
+    assert (tmp_path / "c" / "compare.md").read_text().startswith(f"**Warning:** {warning}")
+    table = (tmp_path / "c" / "compare.md").read_text()
+    assert "| lora | 0.001 |" in table and "| inttune | 0.001 |" in table
 
 
 @pytest.mark.parametrize("merged", [False, True])

@@ -1,15 +1,15 @@
 """The command line never loses a file and checks everything before it writes (each case runs ``python -m nlora``
-in a subprocess: exit code, the one error line, and the folders' content before and after)."""
+in this process: exit code, the one error line, and the folders' content before and after)."""
 
+import contextlib
+import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cli_fixtures import arithmetic_rows, make_tiny_model, sentiment_rows, write_jsonl
+from nlora.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,13 @@ def train_args(model, data, out, *extra):
 
 
 def nlora(*args) -> tuple[int, str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "nlora", *map(str, args)], capture_output=True, text=True, env=env)
-    return proc.returncode, proc.stdout, proc.stderr
+    """``nlora ARGS`` in this process (exit code, stdout, stderr): what these tests check is the folders and the one
+    error line, not the process boundary, which tests/test_cli.py covers (tracebacks, signals, exit codes); each
+    subprocess paid the transformers import again."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
 
 
 def one_line_error(rc: int, err: str, *fragments: str) -> None:

@@ -182,7 +182,8 @@ def test_cli_trains_on_4bit_and_8bit_bases(tmp_path, capsys):
     assert main(evaluated) == 2
     assert "trained on another base model" in capsys.readouterr().err
     own_base = [*evaluated[:1], *evaluated[3:-6], "--output-dir", str(tmp_path / "own-eval"), *evaluated[-4:]]
-    assert main(own_base) == 0  # the base the adapter names: its residual-base/
+    assert main(own_base) == 0  # the base the adapter names: its residual-base/, in the run's own NF4
+    assert json.loads((tmp_path / "own-eval" / "score.json").read_text())["quantization"] == "nf4"
     assert train("qlora", "--load-in-4bit", "--method", "lora") == 0
     config = tmp_path / "int8.yaml"
     config.write_text("quantization: int8\nmethod: inttune\n")

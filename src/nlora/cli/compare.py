@@ -6,9 +6,11 @@ import dataclasses
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
+from ..rates import rate_spread, recommended_learning_rate
 from .settings import NYSTROM_KNOBS, TrainSettings
 from .train import run_train
 
@@ -64,21 +66,40 @@ def run_compare(
     With ``store``, runs already stored there under the same settings are reused instead of retrained.
     """
     out = Path(out_dir)
+    shared = base.learning_rate_source == "given"  # else every method trains at its own recommended rate
+    warning = shared_rate_warning(base.learning_rate, methods, base.task) if shared else None
+    if warning:
+        print(f"nlora: warning: {warning}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for method in methods:
         for seed in seeds:
             run_dir = out / f"{method}-seed{seed}"
+            own_rate = {} if shared else {"learning_rate": None}
             settings = dataclasses.replace(
-                base, method=method, seed=seed, output_dir=str(run_dir), resume=False, overwrite=True
+                base, method=method, seed=seed, output_dir=str(run_dir), resume=False, overwrite=True, **own_rate
             )
+            settings.validate()
             records.append(run_stored(settings, store))
-    summaries = [r["summary"] for r in records]
+    summaries = [{"learning_rate": r["settings"]["learning_rate"], **r["summary"]} for r in records]
     (out / "compare.json").write_text(json.dumps(records, indent=2))
     table = markdown_table(summaries)
-    (out / "compare.md").write_text(table)
+    (out / "compare.md").write_text(f"**Warning:** {warning}\n\n{table}" if warning else table)
     plot_losses(records, out / "compare.png")
     return out / "compare.md"
+
+
+def shared_rate_warning(learning_rate: float, methods: list[str], task: str) -> str | None:
+    """One sentence when one rate is given to methods whose recommended rates differ by more than 3x."""
+    spread = rate_spread(methods, task)
+    if spread <= 3:
+        return None
+    own = ", ".join(f"{m} {recommended_learning_rate(m, task):g}" for m in methods)
+    return (
+        f"one learning rate ({learning_rate:g}) for methods whose recommended rates differ {spread:.0f}x ({own}) "
+        "favours the methods it suits, which is how a shared-rate comparison manufactures a winner; leave out "
+        "--learning-rate to give each method its own rate."
+    )
 
 
 def markdown_table(summaries: list[dict[str, Any]]) -> str:
@@ -86,6 +107,7 @@ def markdown_table(summaries: list[dict[str, Any]]) -> str:
     metric = next((k for k in ("after_accuracy", "after_pearson") if any(k in s for s in summaries)), None)
     header = [
         "method",
+        "learning rate",
         "seeds",
         "trainable params",
         "init s",
@@ -99,6 +121,7 @@ def markdown_table(summaries: list[dict[str, Any]]) -> str:
         rows = [s for s in summaries if s["method"] == method]
         cells = [
             method,
+            ", ".join(f"{lr:g}" for lr in dict.fromkeys(r["learning_rate"] for r in rows if "learning_rate" in r)),
             str(len(rows)),
             f"{rows[0]['trainable_params']:,}",
             _mean_std([r["init_seconds"] for r in rows]),

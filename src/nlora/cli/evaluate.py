@@ -31,6 +31,7 @@ def load_for_eval(settings: EvalSettings, for_classification: bool = False):
         num_labels=settings.num_labels,
         trust_remote_code=settings.trust_remote_code,
         adapter=settings.adapter,
+        quantization=settings.base_quantization(),
     )
 
 
@@ -168,6 +169,7 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
                 }
             )
 
+    score["quantization"] = settings.base_quantization()  # what was scored: a 4-bit run on its 4-bit model
     out.mkdir(parents=True, exist_ok=True)
     with (out / "predictions.jsonl").open("w") as handle:
         for record in records:

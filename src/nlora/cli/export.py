@@ -46,4 +46,5 @@ def run_export(settings: ExportSettings) -> str:
         return f"nlora: wrote the merged model to {settings.out}"
     nlora.export_lora(model, settings.out, overwrite=settings.overwrite)
     tokenizer.save_pretrained(settings.out)
-    return f"nlora: wrote a vanilla LoRA adapter to {settings.out}"
+    base = model.peft_config["default"].base_model_name_or_path
+    return f"nlora: wrote a vanilla LoRA adapter to {settings.out}; serve it on the base model {base}"

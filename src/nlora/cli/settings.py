@@ -20,6 +20,7 @@ from typing import Any, Literal
 from transformers import HfArgumentParser
 
 from ..config import NLoraConfig
+from ..rates import RECOMMENDED_LEARNING_RATES, STUDY, recommended_learning_rate
 
 try:
     import tomllib
@@ -32,6 +33,11 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "polynomia
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{prompt}\n\n### Response:"
+)
+
+
+_NEEDS_BITSANDBYTES = (
+    '--quantization {kind} needs bitsandbytes, which is not installed; run: pip install "nlora[quant]".'
 )
 
 
@@ -121,7 +127,14 @@ class AdapterSettings:
 class OptimSettings:
     _argument_group_name = "training"
 
-    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "peak learning rate; default: the method's rate from the study ("
+            + ", ".join(f"{m} {r['sft']:g}/{r['classification']:g}" for m, r in RECOMMENDED_LEARNING_RATES.items())
+            + f" for sft/classification; {STUDY})"
+        },
+    )
     lr_scheduler_type: Literal[SCHEDULERS] = field(default="cosine", metadata={"help": "learning-rate schedule"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "share of the steps spent warming up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -155,8 +168,12 @@ class OutputSettings:
 class TrainSettings(OutputSettings, OptimSettings, AdapterSettings, DataSettings, ModelSettings):
     """Everything a training run depends on. Defaults are the offline demo: SmolLM2-135M on GSM8K, NLoRA r=8."""
 
+    # why this learning rate: "given", or the method default it came from (set by validate, not a flag)
+    learning_rate_source: str = field(default="", init=False, repr=False)
+
     # fields that may differ between a run and its resumption
-    RESUMABLE_CHANGES = ("resume", "overwrite", "output_dir", "merge", "eval_before", "logging_steps")
+    RESUMABLE_CHANGES = ("resume", "overwrite", "output_dir", "merge", "eval_before", "logging_steps",
+                         "learning_rate_source")  # fmt: skip
 
     def validate(self) -> None:
         """Refuse impossible values with one sentence each, before anything is loaded or written."""
@@ -170,6 +187,11 @@ class TrainSettings(OutputSettings, OptimSettings, AdapterSettings, DataSettings
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if self.max_steps == 0 or self.max_steps < -1:
             raise SettingsError(f"--max-steps must be a positive number of steps or -1 (epochs), got {self.max_steps}.")
+        if self.learning_rate is None:  # the study's rate for this method (a shared one favours some methods)
+            self.learning_rate = recommended_learning_rate(self.method, self.task)
+            self.learning_rate_source = f"the {self.method} default for {self.task}, {STUDY}"
+        elif not self.learning_rate_source:
+            self.learning_rate_source = "given"
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise SettingsError(f"--learning-rate must be a positive number, got {self.learning_rate}.")
         if not 0 < self.eval_fraction < 1:
@@ -195,10 +217,7 @@ class TrainSettings(OutputSettings, OptimSettings, AdapterSettings, DataSettings
                 "is computed in full precision before quantising (QNLoRA), or --method lora (QLoRA)."
             )
         if self.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
-            raise SettingsError(
-                f"--quantization {self.quantization} needs bitsandbytes, which is not installed; run: "
-                'pip install "nlora[quant]".'
-            )
+            raise SettingsError(_NEEDS_BITSANDBYTES.format(kind=self.quantization))
         if self.resume and self.overwrite:
             raise SettingsError("--resume continues a run and --overwrite replaces it; pass only one of them.")
 
@@ -259,6 +278,23 @@ class EvalSettings:
     )
     harness_include: str | None = field(default=None, metadata={"help": "a folder of local harness task YAMLs"})
     num_fewshot: int | None = field(default=None, metadata={"help": "harness few-shot examples (default: the task's)"})
+    quantization: Literal["auto", "none", "nf4", "fp4", "int8"] = field(
+        default="auto",
+        metadata={"help": "bitsandbytes base; auto: the quantisation the adapter's run trained with, else none"},
+    )
+
+    def base_quantization(self) -> str:
+        """The quantisation to load the base with: as asked, or (auto) the one recorded in the adapter's run folder,
+        so that a 4-bit run is scored on the 4-bit model it trained, not on a full-precision one."""
+        kind = self.quantization
+        if kind == "auto":
+            run_config = Path(self.adapter).parent / "run_config.json" if self.adapter else None
+            kind = "none"
+            if run_config is not None and run_config.is_file():
+                kind = json.loads(run_config.read_text(encoding="utf-8")).get("quantization", "none")
+        if kind != "none" and importlib.util.find_spec("bitsandbytes") is None:
+            raise SettingsError(_NEEDS_BITSANDBYTES.format(kind=kind))
+        return kind
 
 
 @dataclass

@@ -34,6 +34,7 @@ def check_run_dir(settings: TrainSettings) -> str | None:
             raise RunError(f"Cannot resume: {out} holds no nlora run; start it without --resume.")
         recorded = json.loads((out / RUN_CONFIG).read_text())
         recorded.pop("label_names", None)  # derived from the data, not a setting
+        recorded.pop("learning_rate_source", None)  # the rate itself is compared
         current = settings.comparable()
         differing = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
         if differing:
@@ -72,7 +73,7 @@ class RunFolder:
         self.created = True
         (self.out / RUN_MARKER).write_text(json.dumps({"nlora_run": 1}) + "\n")
         tmp = self.out / (RUN_CONFIG + ".tmp")
-        recorded = self.settings.comparable()
+        recorded = {**self.settings.comparable(), "learning_rate_source": self.settings.learning_rate_source}
         if self.label_names:  # class id i is label_names[i] (also the model's id2label)
             recorded["label_names"] = self.label_names
         tmp.write_text(json.dumps(recorded, indent=2))
@@ -301,6 +302,8 @@ def _train(settings, state, model, tokenizer, train_set, eval_set, resume_from, 
         "model": settings.model,
         "data": settings.data,
         "seed": settings.seed,
+        "learning_rate": settings.learning_rate,
+        "learning_rate_source": settings.learning_rate_source,
         "steps": trainer.state.global_step,
         "train_loss": _last_logged(trainer, "loss"),
         "step_seconds_median": statistics.median(metrics.step_seconds) if metrics.step_seconds else math.nan,
@@ -325,7 +328,8 @@ def print_summary(summary: dict, output_dir: str) -> None:
     keys = [k for k in summary if k.startswith(("before_", "after_"))]
     print(
         f"\nnlora: {summary['method']} on {summary['data']}: {summary['trainable_params']:,} trainable parameters, "
-        f"init {summary['init_seconds']:.2f} s, {summary['steps']} steps"
+        f"init {summary['init_seconds']:.2f} s, {summary['steps']} steps at learning rate "
+        f"{summary['learning_rate']:g} ({summary['learning_rate_source']})"
     )
     skip = {"runtime", "samples_per_second", "steps_per_second", "model_preparation_time"}
     for name in sorted({k.split("_", 1)[1] for k in keys} - skip):
