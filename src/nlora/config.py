@@ -75,6 +75,10 @@ class NLoraConfig(LoraConfig):
     - ``False``: random non-zero A, N and B (for tests); output changes at step 0.
 
     Plain LoRA is ``peft.LoraConfig``.
+
+    Recommended starting learning rates (our study, ``nlora.rates``; fine-tuning / classification): SLoRA 3e-3 /
+    1e-3, NLoRA 3e-4 / 3e-4, nlora_reference 1e-2 / 3e-3, IntTune 1e-1 / 3e-2 (LoRA: 3e-3, PiSSA: 1e-3 / 3e-4). A
+    residual init wants about a 10x lower rate than a zero-start adapter, IntTune a much higher one.
     """
 
     init_lora_weights: bool | Literal["nlora", "nlora_reference", "slora", "n_lora", "s_lora"] = field(
