@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, machine, markdown, update_section, write_results
 
-from nlora import nystrom
+from nlora import NLoraConfig, nystrom
 from nlora.cli.compare import run_key, run_stored
 from nlora.cli.settings import TrainSettings
 
@@ -32,6 +32,7 @@ warnings.filterwarnings("ignore")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = {"QLoRA": "lora", "QNLoRA": "nlora", "IntTune": "inttune"}
 LRS = {"lora": 3e-4, "nlora": 3e-4, "inttune": 3e-3}
+DEFAULT = NLoraConfig()  # the init settings every matrix is decomposed with
 
 
 def nf4_roundtrip(w: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,7 @@ def matrix_errors(w: torch.Tensor, r: int) -> dict[str, float]:
     norm = torch.linalg.matrix_norm(w).item()
     plain = torch.linalg.matrix_norm(nf4_roundtrip(w) - w).item() / norm
     started = time.perf_counter()
-    f = nystrom.nystrom_factors(w, r, landmarks="norm", oversample=r)  # NLoraConfig's default
+    f = nystrom.nystrom_factors(w, r, **DEFAULT.nystrom_options(r, tuple(w.shape)))  # whatever the default is now
     delta = f.B @ f.N @ f.A
     qnlora = torch.linalg.matrix_norm(nf4_roundtrip(w - delta) + delta - w).item() / norm
     seconds = time.perf_counter() - started
@@ -87,6 +88,39 @@ def error_table(tiny: bool, ranks: list[int]) -> list[dict]:
     return rows
 
 
+def step0_distance(model_dir: str, scratch: Path, r: int) -> dict[str, float]:
+    """Mean |logits - fp32 logits| at step 0 on fixed GSM8K-style text: plain NF4 against QNLoRA's
+    ``quantise(W - sBNA) + sBNA`` (``save_residual_model`` workflow, default init, all linear layers). A lower weight
+    error need not make the model closer to full precision; this measures the model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from nlora import save_residual_model
+    from nlora.cli.assets import resolve_model
+
+    path = resolve_model(model_dir)
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    text = [
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many "
+        "clips did Natalia sell altogether in April and May? Natalia sold 48/2 = 24 clips in May."
+    ] * 2
+    ids = AutoTokenizer.from_pretrained(path)(text, return_tensors="pt")["input_ids"]
+
+    def logits(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval()(input_ids=ids).logits.float()
+
+    full = logits(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    plain = logits(AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4))
+    config = NLoraConfig(r=r, target_modules=list(TARGETS))
+    residual = scratch / f"step0-residual-r{r}"
+    save_residual_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config, residual,
+                        overwrite=True)  # fmt: skip
+    quantised = AutoModelForCausalLM.from_pretrained(residual, quantization_config=nf4)
+    qnlora = logits(PeftModel.from_pretrained(quantised, residual / "initial_adapter"))
+    return {"r": r, "nf4": (plain - full).abs().mean().item(), "qnlora": (qnlora - full).abs().mean().item()}
+
+
 def training(tiny_model: str | None, tiny_data: str | None, steps: int, seeds: list[int], scratch: Path) -> list:
     store = RESULTS / "runs" / "quantized"
     base = TrainSettings(model=tiny_model or "smollm2-135m", data=tiny_data or "gsm8k", quantization="nf4",
@@ -122,8 +156,11 @@ def main() -> None:
     ranks = [int(r) for r in args.ranks.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     errors = error_table(args.tiny, ranks)
+    model = args.tiny_model if args.tiny else "smollm2-135m"
+    distances = [step0_distance(model, Path(args.out), r) for r in ranks] if model else []
     runs = training(args.tiny_model if args.tiny else None, args.tiny_data, args.steps, seeds, Path(args.out))
-    payload = {"machine": machine(), "errors": errors, "training": runs, "steps": args.steps, "seeds": seeds}
+    payload = {"machine": machine(), "errors": errors, "step0_logit_distance": distances, "training": runs,
+               "steps": args.steps, "seeds": seeds}  # fmt: skip
     write_results("quantized" + ("_tiny" if args.tiny else ""), payload)
     if args.tiny:
         return
@@ -135,6 +172,10 @@ def main() -> None:
           f"{e['pissa_ratio_median']:.3f}, {e['pissa_ratio_worst']:.3f}", f"{e['init_seconds_total']:.1f}"]
          for e in errors],
     )  # fmt: skip
+    table_step0 = markdown(
+        ["r", "plain NF4: mean |logits - fp32 logits|", "QNLoRA at step 0: the same"],
+        [[d["r"], f"{d['nf4']:.3f}", f"{d['qnlora']:.3f}"] for d in distances],
+    )
     table2 = markdown(
         ["method", "lr", "seeds", "trainable params", "held-out loss before", "held-out loss after",
          "step s (median)", "peak RSS MB", "init s"],
@@ -149,7 +190,8 @@ def main() -> None:
         "quantized",
         f"Command: `{command}` · machine: {payload['machine']}\n\n"
         f"Quantisation error of the residual on SmolLM2-135M's matrices (NF4, block 64; errors relative to ‖W‖):\n\n"
-        f"{table1}\nTraining on the NF4 base (SmolLM2-135M, GSM8K split, batch 4, {args.steps} steps, r = 8, "
+        f"{table1}\nThe model at step 0 (a lower weight error need not bring the model closer to full precision):\n\n"
+        f"{table_step0}\nTraining on the NF4 base (SmolLM2-135M, GSM8K split, batch 4, {args.steps} steps, r = 8, "
         f"all linear layers; QNLoRA and IntTune decompose the full-precision W first):\n\n{table2}",
     )
 

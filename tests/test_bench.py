@@ -102,6 +102,8 @@ def test_quantized_tiny(tmp_path):
     error = result["errors"][0]
     assert error["matrices"] == 4 and 0 < error["plain_median"] < 1 and error["ratio_worst"] >= error["ratio_median"]
     assert [r["method"] for r in result["training"]] == ["QLoRA", "QNLoRA", "IntTune"]
+    (distance,) = result["step0_logit_distance"]
+    assert distance["r"] == 4 and distance["nf4"] > 0 and distance["qnlora"] > 0
     assert all(r["runs"][0]["steps"] == 2 for r in result["training"])
 
 

@@ -197,6 +197,16 @@ class NLoraConfig(LoraConfig):
             and all(getattr(self, f) == getattr(other, f) for f in _RESIDUAL_FIELDS)
         )
 
+    def nystrom_options(self, r: int, shape: tuple[int, int]) -> dict:
+        """The keyword arguments of :func:`nlora.nystrom.nystrom_factors` for rank ``r`` of an ``out x in`` W."""
+        return {
+            "landmarks": self.nystrom_landmarks,
+            "core": self.nystrom_core,
+            "oversample": self.oversampled_rank(r, min(shape)) - r,
+            "rcond": self.nystrom_rcond,
+            "orthonormal": self.nystrom_orthonormal,
+        }
+
     def oversampled_rank(self, r: int, max_rank: int) -> int:
         """Number of landmarks 'nlora' takes for rank r (never more than the matrix allows)."""
         return min(max_rank, r + int(round(self.nystrom_oversample * r)))

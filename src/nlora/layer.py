@@ -149,17 +149,8 @@ def _initial_factors(module: LoraLayer, adapter: str, config: NLoraConfig, key: 
             if init == "nlora_reference":
                 factors = nystrom.reference_factors(w, r)
             else:
-                factors = nystrom.nystrom_factors(
-                    w,
-                    r,
-                    landmarks=config.nystrom_landmarks,
-                    core=config.nystrom_core,
-                    oversample=config.oversampled_rank(r, min(w.shape)) - r,
-                    rcond=config.nystrom_rcond,
-                    orthonormal=config.nystrom_orthonormal,
-                    scaling=scaling,
-                    generator=generator,
-                )
+                options = config.nystrom_options(r, tuple(w.shape))
+                factors = nystrom.nystrom_factors(w, r, **options, scaling=scaling, generator=generator)
             if config.rederives_init:  # only a residual or an N-only checkpoint is ever checked against it
                 module.nlora_fingerprint[adapter] = nystrom.init_fingerprint(w, factors, precision_eps(base))
             if config.intermediate_init == "zero":
