@@ -165,3 +165,32 @@ def test_residual_model_adapter_names_its_base_and_refuses_the_original(tmp_path
         with pytest.raises(ValueError, match="trained on another base model"):
             load(original, adapter)
         torch.testing.assert_close(output(original, x), original_logits, atol=0, rtol=0)
+
+
+def test_transformers_native_adapter_api():
+    """transformers' own adapter methods on a residual NLoRA adapter (the README promises transformers code keeps
+    working): add_adapter, set_adapter, disable_adapters / enable_adapters, active_adapters, and a second adapter
+    with other init settings refused before anything changes."""
+    base, x = build("llama")
+    expected = output(base, x).detach()
+    model = copy.deepcopy(base)
+    config = make_config("llama", "nlora")
+    model.add_adapter(config, adapter_name="default")
+    train(model, x)
+    trained = output(model, x).detach()
+    assert not torch.allclose(trained, expected, atol=1e-4)
+    model.disable_adapters()
+    torch.testing.assert_close(output(model, x), expected, atol=1e-5, rtol=1e-5)  # the original model
+    model.enable_adapters()
+    torch.testing.assert_close(output(model, x), trained)
+    model.add_adapter(config, adapter_name="ref")  # same settings: shares the residual
+    model.set_adapter("ref")
+    assert model.active_adapters() == ["ref"]
+    torch.testing.assert_close(output(model, x), expected, atol=1e-5, rtol=1e-5)
+    model.set_adapter("default")
+    torch.testing.assert_close(output(model, x), trained)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"adapter 'default' differs"):
+        model.add_adapter(make_config("llama", "nlora", init_seed=3), adapter_name="other")
+    assert {n: p for n, p in model.named_parameters()}.keys() == before.keys()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

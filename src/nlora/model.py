@@ -182,6 +182,7 @@ class NLoraModel(LoraModel):
             config = self.peft_config[adapter_name] = dataclasses.replace(config, intermediate_init="zero")
             if index is not None:
                 config._checkpoint_index = index
+        self._check_residual_neighbours(model, adapter_name, config)
         verified = {}
         if kwargs.get("state_dict") is None:
             # before any module is replaced, so that errors leave the model as it was
@@ -219,14 +220,18 @@ class NLoraModel(LoraModel):
         untie = id(getattr(base, "weight", None)) in getattr(self, "_shared_weights", set())
         init_adapter(module, adapter_name, lora_config, current_key, untie=untie)
 
-    def _check_new_adapter_config(self, config: NLoraConfig) -> None:
-        super()._check_new_adapter_config(config)
-        # PEFT has already stored the new config: drop one entry of it (by position: TRL passes the same object
-        # again for its reference adapter, and that second name is another adapter all the same)
-        others = list(self.peft_config.items())
-        others.pop(max(i for i, (_, c) in enumerate(others) if c is config))
-        residual = config.uses_residual or any(getattr(c, "uses_residual", False) for _, c in others)
-        clash = next((name for name, c in others if not config.shares_residual_with(c)), None)
+    def _check_residual_neighbours(self, model: nn.Module, adapter_name: str, config: NLoraConfig) -> None:
+        """Refuse, before injection, an adapter that would sit next to a residual one (or a residual one next to any
+        adapter) unless both have the very same init settings: then they share the one residual. The adapters
+        present are read off the layers, so transformers' ``add_adapter`` (a new tuner per adapter) is checked too.
+        """
+        layers = [layer for layer in model.modules() if isinstance(layer, LoraLayer)]
+        present = {name for layer in layers for c in ("lora_A", "lora_embedding_A") for name in getattr(layer, c, {})}
+        present.discard(adapter_name)
+        known = {**getattr(model, "peft_config", {}), **self.peft_config}
+        others = {name: known.get(name) for name in sorted(present)}
+        residual = config.uses_residual or any(getattr(c, "uses_residual", True) for c in others.values())
+        clash = next((name for name, c in others.items() if not config.shares_residual_with(c)), None)
         if residual and clash is not None:
             raise ValueError(
                 "A residual NLoRA adapter (init 'nlora' with residual=True) changes the base weight, so another "
