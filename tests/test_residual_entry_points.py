@@ -85,12 +85,13 @@ def test_delete_adapter_leaves_no_per_adapter_record():
     assert not any(names for key, names in _nlora_records(base_after).items() if key != "nlora_hooked")
 
 
-def test_trl_dpo_reference_is_the_base_model(tmp_path):
-    """TRL's DPOTrainer takes its reference log-probs from the PEFT model with the adapter disabled: with a residual
-    adapter that must be the base model the user passed in, before and after training."""
+@pytest.mark.parametrize("trainer_name", ["DPO", "KTO"])
+def test_trl_preference_trainer_reference_is_the_base_model(trainer_name, tmp_path):
+    """TRL's DPO and KTO trainers take their reference log-probs from the PEFT model with the adapter disabled: with
+    a residual adapter that must be the base model the user passed in, before and after training."""
+    import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
     from trl.trainer import add_fused_lm_head
 
     model_dir = make_tiny_model(tmp_path / "model")
@@ -99,13 +100,21 @@ def test_trl_dpo_reference_is_the_base_model(tmp_path):
     reference = copy.deepcopy(base).eval()
     add_fused_lm_head(reference)  # what TRL does to its own reference models
     rows = arithmetic_rows(8)
-    dataset = Dataset.from_list(
-        [{"prompt": r["question"], "chosen": " " + r["answer"], "rejected": " " + r["answer"][::-1]} for r in rows]
-    )
+    if trainer_name == "DPO":
+        data = [
+            {"prompt": r["question"], "chosen": " " + r["answer"], "rejected": " " + r["answer"][::-1]} for r in rows
+        ]
+    else:  # KTO: unpaired completions with a desirable / undesirable label
+        data = [{"prompt": r["question"], "completion": " " + r["answer"][:: 1 if i % 2 else -1], "label": i % 2 == 1}
+                for i, r in enumerate(rows)]  # fmt: skip
     config = make_config("llama", "nlora", task_type="CAUSAL_LM")
-    args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-                     report_to=[], use_cpu=True, save_strategy="no", max_length=64)  # fmt: skip
-    trainer = DPOTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=config)
+    args = getattr(trl, f"{trainer_name}Config")(
+        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to=[], use_cpu=True, save_strategy="no", max_length=64,
+    )  # fmt: skip
+    trainer = getattr(trl, f"{trainer_name}Trainer")(
+        model=base, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer, peft_config=config
+    )
     batch = next(iter(trainer.get_train_dataloader()))
 
     def logps(model, reference_path: bool):
@@ -113,7 +122,7 @@ def test_trl_dpo_reference_is_the_base_model(tmp_path):
         trainer.ref_model = None if reference_path else reference  # a set ref_model switches the adapter context off
         model.eval()
         with torch.no_grad():
-            return torch.stack(trainer.compute_ref_log_probs(model, batch))
+            return torch.stack([t for t in trainer.compute_ref_log_probs(model, batch) if t is not None])
 
     base_logps = logps(reference, reference_path=False)
     torch.testing.assert_close(logps(trainer.model, reference_path=False), base_logps, atol=1e-3, rtol=1e-4)  # step 0
@@ -122,7 +131,7 @@ def test_trl_dpo_reference_is_the_base_model(tmp_path):
     ref_logps = logps(trainer.model, reference_path=True)
     assert not torch.allclose(logps(trainer.model, reference_path=False), base_logps, atol=1e-2)  # the policy moved
     torch.testing.assert_close(ref_logps, base_logps, atol=1e-3, rtol=1e-4)
-    print("DPO reference vs base log-prob max abs diff:", (ref_logps - base_logps).abs().max().item())
+    print(f"{trainer_name} reference vs base log-prob max abs diff:", (ref_logps - base_logps).abs().max().item())
 
 
 def _saved_residual_adapter(tmp_path, mode="nlora"):
@@ -132,11 +141,13 @@ def _saved_residual_adapter(tmp_path, mode="nlora"):
     return base, x, output(pm, x).detach()
 
 
-def test_transformers_load_adapter_checks_the_base(tmp_path):
+def test_transformers_load_adapter_checks_the_base(tmp_path, capfd):
     base, x, trained = _saved_residual_adapter(tmp_path)
     model = copy.deepcopy(base)
+    capfd.readouterr()
     model.load_adapter(str(tmp_path / "adapter"))  # transformers' own adapter API
     torch.testing.assert_close(output(model, x), trained, atol=1e-5, rtol=1e-5)
+    assert "UNEXPECTED" not in capfd.readouterr().err  # a correct load does not alarm (fingerprints are ours)
     other = build("llama", seed=5)[0]
     before = {n: p.detach().clone() for n, p in other.named_parameters()}
     with pytest.raises(ValueError, match=r"trained on another base model: the weight of 'model\.layers\.0\."):

@@ -99,8 +99,14 @@ def check_transformers_adapter_loads() -> None:
         if peft_config is None and config_file is not None and config_file.is_file():
             if json.loads(config_file.read_text(encoding="utf-8")).get("peft_type") == "NLORA":
                 from .config import NLoraConfig
+                from .files import FINGERPRINT_SUFFIX, read_adapter
 
                 peft_config = NLoraConfig.from_pretrained(peft_model_id)
+                if kwargs.get("adapter_state_dict") is None:  # the fingerprints were read with the config: do not
+                    _, tensors = read_adapter(peft_model_id)  # let transformers report them as unexpected keys
+                    kwargs["adapter_state_dict"] = {
+                        k: v for k, v in tensors.items() if not k.endswith(FINGERPRINT_SUFFIX)
+                    }
         return original(self, peft_model_id, adapter_name, peft_config, *args, **kwargs)
 
     load_adapter._nlora_checked = True

@@ -211,6 +211,13 @@ class NLoraConfig(LoraConfig):
         """Number of landmarks 'nlora' takes for rank r (never more than the matrix allows)."""
         return min(max_rank, r + int(round(self.nystrom_oversample * r)))
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's config file, plus a model card (``README.md``) that says how to load the adapter."""
+        from .card import adapter_card, write_card
+
+        super().save_pretrained(save_directory, **kwargs)
+        write_card(save_directory, adapter_card(self))
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load the config; for a local adapter also read its safetensors file now, so that a damaged, pickled or

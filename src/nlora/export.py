@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._compat import LoraLayer
+from .card import export_card, write_card
 from .config import INIT_ALIASES, NLoraConfig
 from .files import (
     ADAPTER_CONFIG,
@@ -113,6 +114,7 @@ def export_lora(
     with atomic_directory(out_dir, marker=EXPORT_MARKER) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         lora_config.save_pretrained(str(tmp))
+        write_card(tmp, export_card(config, r))
         problems = vllm_problems(tmp)
     if problems:
         warnings.warn(
