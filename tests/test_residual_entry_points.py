@@ -205,3 +205,29 @@ def test_transformers_native_adapter_api():
         model.add_adapter(make_config("llama", "nlora", init_seed=3), adapter_name="other")
     assert {n: p for n, p in model.named_parameters()}.keys() == before.keys()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", sorted(RESIDUAL))
+def test_second_residual_adapter_saves_and_reloads_next_to_the_first(mode, dtype, tmp_path):
+    """Found by running PEFT's own test_custom_models.py on NLoRA configs: a second adapter loaded next to a residual
+    one was refused as 'another base model' (its fingerprint was compared with the now residual weight), and a
+    full-rank IntTune layer refused a second adapter (its zero check read the residual, which is ~0 at full rank)."""
+    base, x = build("mlp")
+    base, x = base.to(dtype), x.to(dtype)
+    config = make_config("mlp", mode, r=8, rank_pattern={"lin1": 8})  # lin1 is 32x8: r = 8 is full rank there
+    model = get_peft_model(copy.deepcopy(base), config)
+    model.add_adapter("other", config)
+    train(model, x)
+    model.set_adapter("other")
+    train(model, x)
+    expected = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        expected[name] = output(model, x).detach()
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    reloaded.load_adapter(tmp_path / "other", adapter_name="other")
+    for name in ("default", "other"):
+        reloaded.set_adapter(name)
+        torch.testing.assert_close(output(reloaded, x), expected[name], atol=1e-5, rtol=1e-5)  # same arithmetic

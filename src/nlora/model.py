@@ -26,6 +26,7 @@ from .layer import (
     factor_names,
     init_adapter,
     quantized,
+    residual_holder,
     restore_base,
     weight_shape,
 )
@@ -40,8 +41,11 @@ def _supported_base_types() -> tuple[type, ...]:
     return (nn.Linear, Conv1D, nn.Embedding)
 
 
-def check_target(key: str, base_layer: nn.Module, config: NLoraConfig, r: int) -> None:
-    """Raise a one-sentence error if NLoRA cannot adapt ``base_layer`` (at ``key``) with rank ``r``."""
+def check_target(key: str, base_layer: nn.Module, config: NLoraConfig, r: int, shares_residual: bool = False) -> None:
+    """Raise a one-sentence error if NLoRA cannot adapt ``base_layer`` (at ``key``) with rank ``r``.
+
+    ``shares_residual``: the layer already holds the residual this adapter will share, so its factors come from
+    that adapter's (checked) init, not from the residual weight now in the layer."""
     kind = type(base_layer).__name__
     weight = getattr(base_layer, "weight", None)
     other_quantizer = not quantized(base_layer) and (
@@ -72,7 +76,7 @@ def check_target(key: str, base_layer: nn.Module, config: NLoraConfig, r: int) -
             f"NLoRA rank r={r} is invalid for module '{key}' ({out_features}x{in_features}); use "
             f"1 <= r <= {min(out_features, in_features)} (set rank_pattern for this module or lower r)."
         )
-    if config.train_intermediate_only and weight.device.type != "meta":
+    if config.train_intermediate_only and weight.device.type != "meta" and not shares_residual:
         with gather_params_ctx(weight, modifier_rank=None):  # ZeRO-3: read the full weight
             w = dense_weight(base_layer)
             if config.init_lora_weights == "nlora_reference":
@@ -190,7 +194,8 @@ class NLoraModel(LoraModel):
             index = config.__dict__.pop("_checkpoint_index", None)
             if index is not None:
                 check_checkpoint_index(index, targets, config)
-            verified = check_base_fingerprints(targets, config.__dict__.pop("_checkpoint_fingerprints", None) or {})
+            recorded = config.__dict__.pop("_checkpoint_fingerprints", None) or {}
+            verified = check_base_fingerprints(model, targets, recorded)
         self._shared_weights = shared_weights(model)
         keep_trainable_on_cpu(model)
         super().inject_adapter(model, adapter_name, **kwargs)
@@ -207,7 +212,9 @@ class NLoraModel(LoraModel):
         config = self._prepare_adapter_config(copy.copy(config), self.get_model_config(model))
         targets = targeted_modules(model, config)
         for key, (base, r) in targets.items():
-            check_target(key, base, config, r)
+            layer = model.get_submodule(key)
+            shares = config.uses_residual and isinstance(layer, LoraLayer) and residual_holder(layer) is not None
+            check_target(key, base, config, r, shares_residual=shares)
         return targets
 
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
@@ -320,15 +327,22 @@ class NLoraModel(LoraModel):
         return remapped
 
 
-def check_base_fingerprints(targets: dict[str, tuple[nn.Module, int]], recorded: dict) -> dict[str, list[float]]:
+def check_base_fingerprints(
+    model: nn.Module, targets: dict[str, tuple[nn.Module, int]], recorded: dict
+) -> dict[str, list[float]]:
     """Refuse a base model other than the one an adapter's fingerprints name, before anything is written; return
-    the live base fingerprints ``{key: [norm, sum, eps]}`` of the modules that were checked."""
+    the base fingerprints ``{key: [norm, sum, eps]}`` of the modules that were checked.
+
+    A layer whose weight is already residual (another adapter's) is identified by that adapter's record of the
+    weight it started from, not by its current (residual) weight."""
     live = {}
     for key, (base, _) in targets.items():
         saved = recorded.get(key)
         if saved is None:
             continue
-        live[key] = base_fingerprint(base)
+        layer = model.get_submodule(key)
+        holder = residual_holder(layer) if isinstance(layer, LoraLayer) else None
+        live[key] = layer.nlora_fingerprint[holder][:3] if holder is not None else base_fingerprint(base)
         if not nystrom.same_base(saved, live[key]):
             raise ValueError(_OTHER_BASE.format(key=key))
     return live
