@@ -173,7 +173,7 @@ def main() -> None:
          for e in errors],
     )  # fmt: skip
     table_step0 = markdown(
-        ["r", "plain NF4: mean |logits - fp32 logits|", "QNLoRA at step 0: the same"],
+        ["r", "plain NF4: mean abs(logits − fp32 logits)", "QNLoRA at step 0: the same"],
         [[d["r"], f"{d['nf4']:.3f}", f"{d['qnlora']:.3f}"] for d in distances],
     )
     table2 = markdown(
