@@ -126,6 +126,10 @@ def test_n_only_inttune_checkpoint_is_verified_on_a_quantised_base(model_dir, tm
         ).to("cpu")
     with pytest.raises(ValueError, match="trained on another base model"):
         PeftModel.from_pretrained(other, tmp_path)
+    # the usual inference set-up, the full-precision model: its factors differ from the NF4 ones, and the refusal
+    # names the fix (the default save_frozen_factors=True loads anywhere: test_keep_adapter_..._full_precision_base)
+    with pytest.raises(ValueError, match=r"do not come out the same .*or save with save_frozen_factors=True"):
+        PeftModel.from_pretrained(load(model_dir), tmp_path)
 
 
 def test_qnlora_workflow_decomposes_in_full_precision(model_dir, tmp_path):
