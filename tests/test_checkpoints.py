@@ -95,3 +95,20 @@ def test_trainer_resumes_an_n_only_inttune_run(tmp_path):
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "mode,overrides,fingerprinted",
+    [("nlora", {}, True), ("inttune", {"save_frozen_factors": False}, True), ("nlora_reference", {}, False),
+     ("nlora", {"residual": False}, False), ("slora", {}, False)],
+)  # fmt: skip
+def test_a_fingerprint_is_computed_only_where_a_load_checks_it(mode, overrides, fingerprinted, tmp_path):
+    """The fingerprint costs a pass over W: only a residual or N-only adapter records it (and saves it)."""
+    from safetensors.torch import load_file
+
+    model = get_peft_model(_base(), make_config("llama", mode, **overrides))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert ("default" in layer.nlora_fingerprint) == fingerprinted
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(k.endswith("nystrom_fingerprint") for k in saved) == fingerprinted
