@@ -7,6 +7,12 @@ import nlora  # noqa: F401  (registers the NLORA PEFT type)
 from models import MODELS, output
 from nlora import NLoraConfig
 
+# datasets and transformers create their log handler at first use, on whatever sys.stderr is then; created inside a
+# test that captures stderr (capsys), it would later write to a closed stream, and logging's error report (a
+# traceback) would land in the next in-process CLI test's stderr. Create them now, on the session's stream.
+pytest.importorskip("datasets.utils.logging").get_logger("datasets")
+__import__("transformers").logging.get_logger("transformers")
+
 MODES = {
     "slora": {"init_lora_weights": "slora"},
     "nlora": {"init_lora_weights": "nlora"},

@@ -164,7 +164,8 @@ BAD_DATA = {
         (lambda p, a: ["--data", p / "latin1.jsonl"], ["latin1.jsonl is not UTF-8 text"]),
         (lambda p, a: ["--data", p / "one-row.jsonl"], ["too few to split off a held-out set"]),
         (lambda p, a: ["--data", p / "no-answer.jsonl"], ["has no value for 'answer'"]),
-        (lambda p, a: ["--data", p], ["is a folder; give a .json/.jsonl/.csv/.parquet file"]),
+        (lambda p, a: ["--data", a["root"]], ["is a folder; give a .json/.jsonl/.csv/.parquet file"]),
+        (lambda p, a: ["--data", p], ["The run folder", "lies inside the input"]),  # out/ is inside the data folder
         (lambda p, a: ["--response-field", "solution"], ["Field 'solution' is not a column"]),
         (lambda p, a: ["--target-modules", "nope"], ["--target-modules nope matches no module"]),
         (lambda p, a: ["--rank", "500"], ["Rank 500 is too large"]),
@@ -180,7 +181,8 @@ BAD_DATA = {
         (lambda p, a: ["--config", p / "broken.toml"], ["broken.toml is not valid TOML"]),
         (lambda p, a: ["--config", p / "unknown.yaml"], ["unknown settings ['rank_of_adapter']", "valid ones:"]),
     ],
-    ids=["empty", "malformed", "non-utf8", "one-row", "missing-value", "folder-as-data", "missing-column",
+    ids=["empty", "malformed", "non-utf8", "one-row", "missing-value", "folder-as-data", "output-in-data",
+         "missing-column",
          "bad-target", "rank-nlora", "rank-lora", "rank-pissa", "negative-lr", "zero-steps", "eval-fraction",
          "scheduler", "core", "non-int", "broken-yaml", "broken-toml", "unknown-key"],
 )  # fmt: skip
@@ -234,3 +236,40 @@ def test_string_labels_are_mapped_to_sorted_ids(assets, tmp_path):
     numbers = write_jsonl(tmp_path / "n.jsonl", [{"text": "a film", "label": 7}] * 20)
     rc, _, err = nlora("train", *train_args(assets["model"], numbers, tmp_path / "n", "--task", "classification"))
     one_line_error(rc, err, "Label 7 in 'label' is not a class id in 0..1")
+
+
+# --- eval, compare and export outputs: the same rule as runs -----------------------------------------------------
+def test_eval_never_writes_into_a_user_folder_an_input_or_next_to_its_data(assets, tmp_path):
+    adapter = assets["run"] / "adapter"
+    (tmp_path / "data").mkdir()
+    data = write_jsonl(tmp_path / "data" / "predictions.jsonl", arithmetic_rows(8))  # named like eval's own output
+    mine = user_folder(tmp_path / "mine")
+    (mine / "score.json").write_text('{"mine": 1}\n')
+    before = {"mine": content(mine), "adapter": content(adapter), "data": content(data.parent)}
+    base = ["eval", "--adapter", adapter, "--data", data, "--limit", "2", "--max-new-tokens", "2"]
+    for out, fragment in ((mine, "is not an nlora eval folder"), (adapter, "lies inside the input"),
+                          (data.parent, "contains or lies inside the input")):  # fmt: skip
+        rc, _, err = nlora(*base, "--output-dir", out)
+        one_line_error(rc, err, str(out), fragment)
+    assert before == {"mine": content(mine), "adapter": content(adapter), "data": content(data.parent)}
+    for _ in range(2):  # a new folder, then that folder of eval's own again: replaced as a whole
+        rc, _, err = nlora(*base, "--output-dir", tmp_path / "eval")
+        assert rc == 0, err[-2000:]
+    assert sorted(content(tmp_path / "eval")) == [".nlora-eval", "predictions.jsonl", "score.json"]
+
+
+def test_compare_never_replaces_a_users_tables(assets, tmp_path):
+    mine = user_folder(tmp_path / "mine")
+    (mine / "compare.md").write_text("my table\n")
+    before = content(mine)
+    rc, _, err = nlora("compare", *train_args(assets["model"], assets["sft"], mine), "--methods", "lora")
+    one_line_error(rc, err, "is not an nlora compare folder")
+    assert content(mine) == before
+
+
+def test_export_never_replaces_the_run_that_holds_its_adapter(assets, tmp_path):
+    run = assets["run"]
+    before = content(run)
+    rc, _, err = nlora("export", "--adapter", run / "adapter", "--out", run, "--overwrite")
+    one_line_error(rc, err, "contains or lies inside the input")
+    assert content(run) == before

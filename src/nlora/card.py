@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .files import write_atomic
+
 MARKER = "<!-- nlora model card -->"
 
 
@@ -63,6 +65,4 @@ def write_card(folder: str | os.PathLike, text: str) -> None:
     old = path.read_text(encoding="utf-8") if path.exists() else ""
     if MARKER in old:
         return
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text(f"{old.rstrip()}\n\n{text}" if old.strip() else text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, f"{old.rstrip()}\n\n{text}" if old.strip() else text)

@@ -130,7 +130,7 @@ def convert_reference_checkpoint(src: str | os.PathLike, dst: str | os.PathLike,
     Their checkpoints say ``peft_type: LORA`` with ``init_lora_weights`` "n_lora" or "s_lora" and carry ``lora_N``
     tensors; stock PEFT would silently drop N. The weights keep their names; only the config changes.
     """
-    check_destination(dst, EXPORT_MARKER, "converted adapter", overwrite, source=src)
+    check_destination(dst, EXPORT_MARKER, "converted adapter", overwrite, inputs=[src])
     raw, tensors = read_adapter(src)
     init = raw.get("init_lora_weights")
     has_n = any(".lora_N." in k or k.endswith(".lora_N") for k in tensors)

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,26 +22,32 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_MARKER = ".nlora-run"  # in every folder that `nlora train` created
 EXPORT_MARKER = ".nlora-export"  # in every folder that export_lora / `nlora export` wrote
+EVAL_MARKER = ".nlora-eval"  # in every folder that `nlora eval` wrote
+COMPARE_MARKER = ".nlora-compare"  # in every folder that `nlora compare` wrote
 # Saved next to an adapter's tensors (``<module>.nystrom_fingerprint``) when its load must check the base weight (a
 # residual, an N-only checkpoint, an adapter made for a residual base): compared with the base it is loaded onto.
 FINGERPRINT_SUFFIX = "nystrom_fingerprint"
 
 
 def check_destination(
-    path: str | os.PathLike, marker: str, what: str, overwrite: bool, source: str | os.PathLike | None = None
+    path: str | os.PathLike, marker: str, what: str, overwrite: bool, inputs: Iterable[str | os.PathLike | None] = ()
 ) -> bool:
     """Refuse a destination folder we must not write; return whether an existing folder of ours will be replaced.
 
     ``marker`` names folders nlora wrote itself. A non-empty folder without it is replaced only with ``overwrite``
-    when ``what`` is an export; a run folder without it never is. ``source`` (an input folder) may not contain it.
+    when ``what`` is an export; any other kind of output folder without it never is. The folder may neither be,
+    contain, nor lie inside any of ``inputs`` (the adapter, data or model the command reads).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} is a file, not a folder; give a folder for the {what}.")
-    if source is not None:
-        src, dst = Path(source).resolve(), path.resolve()
-        if dst == src or src in dst.parents:
-            raise ValueError(f"The {what} folder {path} is (inside) the input folder {source}; write it elsewhere.")
+    dst = path.resolve()
+    for source in (Path(s) for s in inputs if s and Path(s).exists()):  # a name (gsm8k, a hub id) is no path
+        src = source.resolve()
+        if dst == src or src in dst.parents or dst in src.parents:
+            raise ValueError(
+                f"The {what} folder {path} is, contains or lies inside the input {source}; write it elsewhere."
+            )
     if not path.exists() or not any(path.iterdir()):
         return False
     if (path / marker).exists():
@@ -53,7 +59,7 @@ def check_destination(
             f"{path} is not empty and is not an nlora export; pass --overwrite to replace it, or choose another folder."
         )
     raise FileExistsError(
-        f"{path} is not empty and is not an nlora run folder (it has no {marker}); nlora never replaces such a "
+        f"{path} is not empty and is not an nlora {what} folder (it has no {marker}); nlora never replaces such a "
         "folder, so choose another --output-dir."
     )
 
@@ -82,6 +88,14 @@ def atomic_directory(target: str | os.PathLike, marker: str | None = None) -> It
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..files import COMPARE_MARKER, check_destination, write_atomic
 from ..rates import rate_spread, recommended_learning_rate
 from .settings import NYSTROM_KNOBS, TrainSettings
 from .train import run_train
@@ -66,11 +68,13 @@ def run_compare(
     With ``store``, runs already stored there under the same settings are reused instead of retrained.
     """
     out = Path(out_dir)
+    check_destination(out, COMPARE_MARKER, "compare", overwrite=False, inputs=[base.data, base.model])
     shared = base.learning_rate_source == "given"  # else every method trains at its own recommended rate
     warning = shared_rate_warning(base.learning_rate, methods, base.task) if shared else None
     if warning:
         print(f"nlora: warning: {warning}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
+    (out / COMPARE_MARKER).write_text("{}\n")  # the folder is ours from now on: its runs and tables may be replaced
     records = []
     for method in methods:
         for seed in seeds:
@@ -82,9 +86,9 @@ def run_compare(
             settings.validate()
             records.append(run_stored(settings, store))
     summaries = [{"learning_rate": r["settings"]["learning_rate"], **r["summary"]} for r in records]
-    (out / "compare.json").write_text(json.dumps(records, indent=2))
     table = markdown_table(summaries)
-    (out / "compare.md").write_text(f"**Warning:** {warning}\n\n{table}" if warning else table)
+    write_atomic(out / "compare.json", json.dumps(records, indent=2))
+    write_atomic(out / "compare.md", f"**Warning:** {warning}\n\n{table}" if warning else table)
     plot_losses(records, out / "compare.png")
     return out / "compare.md"
 
@@ -157,5 +161,7 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)  # a user's compare.png is never half-overwritten
     plt.close(fig)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..files import EVAL_MARKER, atomic_directory, check_destination
 from .metrics import (
     classification_metrics,
     extract_gsm8k_answer,
@@ -69,8 +70,10 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     if settings.task not in EVAL_TASKS:
         raise ValueError(f"Unknown eval task '{settings.task}'; choose one of {', '.join(EVAL_TASKS)}.")
     out = Path(settings.output_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} is a file, not a folder; give a folder for the eval output.")
+    # before anything is loaded: a folder of nlora eval's own, or a new / empty one, never an input or a user's folder
+    check_destination(
+        out, EVAL_MARKER, "eval", overwrite=False, inputs=[settings.adapter, settings.data, settings.model]
+    )
     records: list[dict[str, Any]] = []
 
     if settings.harness:
@@ -170,9 +173,9 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
             )
 
     score["quantization"] = settings.base_quantization()  # what was scored: a 4-bit run on its 4-bit model
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "predictions.jsonl").open("w") as handle:
-        for record in records:
-            handle.write(json.dumps(record, default=str) + "\n")
-    (out / "score.json").write_text(json.dumps({"task": settings.harness or settings.task, **score}, indent=2))
+    with atomic_directory(out, marker=EVAL_MARKER) as tmp:  # complete before it replaces an earlier eval
+        with (tmp / "predictions.jsonl").open("w") as handle:
+            for record in records:
+                handle.write(json.dumps(record, default=str) + "\n")
+        (tmp / "score.json").write_text(json.dumps({"task": settings.harness or settings.task, **score}, indent=2))
     return score

@@ -30,7 +30,9 @@ def run_export(settings: ExportSettings) -> str:
             f"{settings.adapter} is a {config.get('peft_type')} adapter, not an NLoRA one; PEFT and vLLM load it "
             "as it is, so there is nothing to export."
         )
-    check_destination(settings.out, EXPORT_MARKER, "export", settings.overwrite, source=settings.adapter)
+    check_destination(
+        settings.out, EXPORT_MARKER, "export", settings.overwrite, inputs=[settings.adapter, settings.model]
+    )
     task = "classification" if config.get("task_type") == "SEQ_CLS" else "sft"
     model, tokenizer = load_model(
         settings.model,

@@ -43,7 +43,8 @@ def check_run_dir(settings: TrainSettings) -> str | None:
                 "resume with the same settings or use another --output-dir."
             )
         return last_complete_checkpoint(out)
-    if check_destination(out, RUN_MARKER, "run", settings.overwrite) and not settings.overwrite:
+    inputs = [settings.data, settings.model]  # a local data file or model folder (names are not paths: skipped)
+    if check_destination(out, RUN_MARKER, "run", settings.overwrite, inputs) and not settings.overwrite:
         raise RunError(
             f"{out} holds another nlora run; pass --overwrite to replace it once this run has its adapter, "
             "--resume to continue it, or choose another --output-dir."
