@@ -2,7 +2,9 @@
 a second adapter with the same config (TRL's reference adapter), ``disable_adapter`` (TRL DPO's reference model),
 PEFT's ``delete_adapter`` bookkeeping, and the quantised 'keep' adapter on a full-precision base."""
 
+import contextlib
 import copy
+import logging
 
 import pytest
 import torch
@@ -134,20 +136,33 @@ def test_trl_preference_trainer_reference_is_the_base_model(trainer_name, tmp_pa
     print(f"{trainer_name} reference vs base log-prob max abs diff:", (ref_logps - base_logps).abs().max().item())
 
 
-def _saved_residual_adapter(tmp_path, mode="nlora"):
-    base, x, pm = _residual_model("llama", mode)
+def _saved_residual_adapter(tmp_path, mode="nlora", **overrides):
+    base, x, pm = _residual_model("llama", mode, **overrides)
     train(pm, x)
     pm.save_pretrained(tmp_path / "adapter")
     return base, x, output(pm, x).detach()
 
 
-def test_transformers_load_adapter_checks_the_base(tmp_path, capfd):
+@contextlib.contextmanager
+def transformers_log():
+    """The messages transformers logs meanwhile (its loggers do not propagate to the root, so not caplog)."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+
+
+def test_transformers_load_adapter_checks_the_base(tmp_path):
     base, x, trained = _saved_residual_adapter(tmp_path)
     model = copy.deepcopy(base)
-    capfd.readouterr()
-    model.load_adapter(str(tmp_path / "adapter"))  # transformers' own adapter API
+    with transformers_log() as messages:
+        model.load_adapter(str(tmp_path / "adapter"))  # transformers' own adapter API
     torch.testing.assert_close(output(model, x), trained, atol=1e-5, rtol=1e-5)
-    assert "UNEXPECTED" not in capfd.readouterr().err  # a correct load does not alarm (fingerprints are ours)
+    assert not any("UNEXPECTED" in m for m in messages), messages  # a correct load does not alarm
     other = build("llama", seed=5)[0]
     before = {n: p.detach().clone() for n, p in other.named_parameters()}
     with pytest.raises(ValueError, match=r"trained on another base model: the weight of 'model\.layers\.0\."):
@@ -231,3 +246,14 @@ def test_second_residual_adapter_saves_and_reloads_next_to_the_first(mode, dtype
     for name in ("default", "other"):
         reloaded.set_adapter(name)
         torch.testing.assert_close(output(reloaded, x), expected[name], atol=1e-5, rtol=1e-5)  # same arithmetic
+
+
+def test_transformers_load_adapter_of_an_n_only_checkpoint_is_exact_and_quiet(tmp_path):
+    """An N-only IntTune checkpoint re-derives A and B at injection: transformers' load report must not call them
+    MISSING, nor the fingerprints UNEXPECTED, when the load is exact."""
+    base, x, trained = _saved_residual_adapter(tmp_path, mode="inttune", save_frozen_factors=False)
+    model = copy.deepcopy(base)
+    with transformers_log() as messages:
+        model.load_adapter(str(tmp_path / "adapter"))
+    torch.testing.assert_close(output(model, x), trained, atol=1e-5, rtol=1e-5)
+    assert not any("MISSING" in m or "UNEXPECTED" in m for m in messages), messages

@@ -7,6 +7,8 @@ We rely on these private hooks of ``peft.tuners.lora``: ``LoraVariant`` (the var
 
 from __future__ import annotations
 
+import logging
+
 import peft
 from packaging.version import Version
 
@@ -75,6 +77,18 @@ def register_peft_type(peft_type, config_cls, model_cls, prefix: str) -> None:
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
 
 
+def _rederived_factors_only(record: logging.LogRecord) -> bool:
+    """Drop transformers' load report when all it lists is an N-only checkpoint's re-derived A and B as MISSING."""
+    message = record.getMessage()
+    if "LOAD REPORT" not in message or "UNEXPECTED" in message or "MISMATCH" in message:
+        return True
+    missing = [line for line in message.splitlines() if "| MISSING" in line]
+    return not missing or not all(any(f"{n}." in line for n in _FROZEN_FACTORS) for line in missing)
+
+
+_FROZEN_FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
 def check_transformers_adapter_loads() -> None:
     """Make transformers' ``model.load_adapter(dir)`` read an NLoRA adapter's config through ``NLoraConfig``.
 
@@ -107,6 +121,13 @@ def check_transformers_adapter_loads() -> None:
                     kwargs["adapter_state_dict"] = {
                         k: v for k, v in tensors.items() if not k.endswith(FINGERPRINT_SUFFIX)
                     }
+                if not peft_config.save_frozen_factors:  # N-only: A and B were re-derived and verified at injection
+                    report = logging.getLogger("transformers.integrations.peft")
+                    report.addFilter(_rederived_factors_only)
+                    try:
+                        return original(self, peft_model_id, adapter_name, peft_config, *args, **kwargs)
+                    finally:
+                        report.removeFilter(_rederived_factors_only)
         return original(self, peft_model_id, adapter_name, peft_config, *args, **kwargs)
 
     load_adapter._nlora_checked = True
