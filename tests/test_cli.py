@@ -378,3 +378,15 @@ print("rc", rc, "attempts", len(attempts))
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert "rc 2 attempts 0" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+def test_train_without_a_rate_uses_the_methods_rate_and_says_so(tiny, tmp_path, capsys):
+    args = base_args(tiny, tmp_path / "it", "--method", "inttune", "--max-steps", "1", "--save-steps", "0")
+    args = args[: args.index("--learning-rate")] + args[args.index("--learning-rate") + 2 :]
+    assert main(args) == 0
+    source = "the inttune default for sft, docs/benchmarks.md §3"
+    assert f"at learning rate 0.1 ({source})" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "it" / "summary.json").read_text())
+    recorded = json.loads((tmp_path / "it" / "run_config.json").read_text())
+    assert summary["learning_rate"] == recorded["learning_rate"] == 0.1
+    assert summary["learning_rate_source"] == recorded["learning_rate_source"] == source
