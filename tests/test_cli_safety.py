@@ -180,11 +180,22 @@ BAD_DATA = {
         (lambda p, a: ["--config", p / "broken.yaml"], ["broken.yaml is not valid YAML"]),
         (lambda p, a: ["--config", p / "broken.toml"], ["broken.toml is not valid TOML"]),
         (lambda p, a: ["--config", p / "unknown.yaml"], ["unknown settings ['rank_of_adapter']", "valid ones:"]),
+        (lambda p, a: ["--lora-alpha", "nan"], ["--lora-alpha must be a finite number, got nan"]),
+        (lambda p, a: ["--weight-decay", "nan"], ["--weight-decay must be a finite number"]),
+        (lambda p, a: ["--lora-alpha", "inf"], ["--lora-alpha must be a finite number, got inf"]),
+        (lambda p, a: ["--prompt-template", "Q: {question}"], ["--prompt-template must use the field {prompt}"]),
+        (lambda p, a: ["--prompt-template", "{0} and {prompt}"], ["--prompt-template must use the field {prompt}"]),
+        (lambda p, a: ["--prompt-template", "no question"], ["got []"]),
+        (lambda p, a: ["--prompt-template", "{prompt"], ["--prompt-template is not a valid template"]),
+        (lambda p, a: ["--config", p / "unknown.yaml", "--config", p / "broken.yaml"], ["give one --config file"]),
+        (lambda p, a: ["--target-modules", "q_proj,,v_proj"], ["--target-modules has an empty name"]),
     ],
     ids=["empty", "malformed", "non-utf8", "one-row", "missing-value", "folder-as-data", "output-in-data",
          "missing-column",
          "bad-target", "rank-nlora", "rank-lora", "rank-pissa", "negative-lr", "zero-steps", "eval-fraction",
-         "scheduler", "core", "non-int", "broken-yaml", "broken-toml", "unknown-key"],
+         "scheduler", "core", "non-int", "broken-yaml", "broken-toml", "unknown-key", "alpha-nan", "decay-nan",
+         "alpha-inf", "template-field", "template-positional", "template-no-prompt", "template-broken",
+         "two-configs", "empty-target"],
 )  # fmt: skip
 def test_a_failed_run_leaves_no_trace(assets, tmp_path, case, fragments):
     for name, data in BAD_DATA.items():
@@ -273,3 +284,13 @@ def test_export_never_replaces_the_run_that_holds_its_adapter(assets, tmp_path):
     rc, _, err = nlora("export", "--adapter", run / "adapter", "--out", run, "--overwrite")
     one_line_error(rc, err, "contains or lies inside the input")
     assert content(run) == before
+
+
+def test_target_modules_with_spaces_mean_the_same_modules(assets, tmp_path):
+    trained = {}
+    for name, targets in (("plain", "q_proj,v_proj"), ("spaced", "q_proj, v_proj")):
+        args = train_args(assets["model"], assets["sft"], tmp_path / name, "--target-modules", targets)
+        rc, _, err = nlora("train", *args)
+        assert rc == 0, err[-2000:]
+        trained[name] = json.loads((tmp_path / name / "summary.json").read_text())["trainable_params"]
+    assert trained["spaced"] == trained["plain"] > 0

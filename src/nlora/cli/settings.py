@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -203,8 +204,28 @@ class TrainSettings(OutputSettings, OptimSettings, AdapterSettings, DataSettings
             raise SettingsError(
                 "--weight-decay, --eval-steps and --save-steps must be >= 0 and --num-train-epochs > 0."
             )
+        for f in dataclasses.fields(self):  # NaN passes every comparison below; inf makes a NaN adapter
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingsError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}.")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise SettingsError(f"--lora-alpha must be positive, got {self.lora_alpha}.")
+        if self.target_modules:  # "q_proj, v_proj" means q_proj and v_proj
+            names = [n.strip() for n in self.target_modules.split(",")]
+            if not all(names):
+                raise SettingsError(f"--target-modules has an empty name: '{self.target_modules}'.")
+            self.target_modules = ",".join(names)
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name is not None}
+        except ValueError as err:
+            raise SettingsError(
+                f"--prompt-template is not a valid template ({err}); write literal braces as {{{{ and }}}}."
+            ) from err
+        if self.task == "sft" and fields != {"prompt"}:
+            raise SettingsError(
+                f"--prompt-template must use the field {{prompt}} and no other, got {sorted(fields)}; write literal "
+                "braces as {{ and }}."
+            )
         shorthand = {"nf4": self.load_in_4bit, "int8": self.load_in_8bit}
         asked = [kind for kind, on in shorthand.items() if on]
         if len(asked) > 1 or (asked and self.quantization not in ("none", asked[0])):
@@ -376,6 +397,9 @@ def parse(groups: tuple[type, ...], argv: list[str], prog: str, defaults: dict[s
         parser.set_defaults(**defaults)
     argv = list(argv)
     file_tokens = []
+    configs = [t for t in argv if t == "--config" or t.startswith("--config=")]
+    if len(configs) > 1:
+        raise SettingsError(f"{prog}: give one --config file (got {len(configs)}); merge them into one.")
     for i, token in enumerate(argv):
         if token == "--config" or token.startswith("--config="):
             path = token.split("=", 1)[1] if "=" in token else (argv[i + 1] if i + 1 < len(argv) else None)
