@@ -109,6 +109,12 @@ def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
     steps = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert steps == [1, 2, 3, 4, 5, 6]
+    # resuming the complete run again is refused; it used to train a 7th step and replace the adapter
+    before = load_file(cut / "adapter" / "adapter_model.safetensors")
+    assert main(base_args(tiny, cut, "--max-steps", "6", "--save-steps", "3", "--resume")) == 2
+    after = load_file(cut / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((cut / "summary.json").read_text())["steps"] == 6
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny, tmp_path):

@@ -42,6 +42,11 @@ def check_run_dir(settings: TrainSettings) -> str | None:
                 f"Cannot resume {out}: it was started with different settings ({', '.join(differing)}); "
                 "resume with the same settings or use another --output-dir."
             )
+        if (out / "summary.json").exists() and (out / "adapter").is_dir():  # Trainer would take one step more
+            raise RunError(
+                f"Cannot resume {out}: that run is complete (its adapter and summary.json are saved); pass "
+                "--overwrite to train it again, or raise --max-steps under another --output-dir."
+            )
         return last_complete_checkpoint(out)
     inputs = [settings.data, settings.model]  # a local data file or model folder (names are not paths: skipped)
     if check_destination(out, RUN_MARKER, "run", settings.overwrite, inputs) and not settings.overwrite:
