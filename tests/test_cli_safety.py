@@ -294,3 +294,11 @@ def test_target_modules_with_spaces_mean_the_same_modules(assets, tmp_path):
         assert rc == 0, err[-2000:]
         trained[name] = json.loads((tmp_path / name / "summary.json").read_text())["trainable_params"]
     assert trained["spaced"] == trained["plain"] > 0
+
+
+@pytest.mark.parametrize("flags,fragment", [(["--methods", "lora,lora"], "--methods names a method twice"),
+                                            (["--seeds", "0,0"], "--seeds names a seed twice")])  # fmt: skip
+def test_compare_refuses_the_same_run_twice(assets, tmp_path, flags, fragment):
+    rc, _, err = nlora("compare", *train_args(assets["model"], assets["sft"], tmp_path / "c"), *flags)
+    one_line_error(rc, err, fragment)
+    assert not (tmp_path / "c").exists()

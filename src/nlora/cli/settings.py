@@ -260,13 +260,18 @@ class CompareSettings:
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise SettingsError(f"Unknown method(s) {unknown or methods}; choose from {', '.join(METHODS)}.")
+        if len(set(methods)) != len(methods):  # the same run twice would be counted as two seeds
+            raise SettingsError(f"--methods names a method twice ('{self.methods}'); list each once.")
         return methods
 
     def seed_list(self) -> list[int]:
         try:
-            return [int(s) for s in self.seeds.split(",")]
+            seeds = [int(s) for s in self.seeds.split(",")]
         except ValueError as err:
             raise SettingsError(f"--seeds must be a comma list of integers, got '{self.seeds}'.") from err
+        if len(set(seeds)) != len(seeds):
+            raise SettingsError(f"--seeds names a seed twice ('{self.seeds}'); list each once.")
+        return seeds
 
 
 @dataclass
