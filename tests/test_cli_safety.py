@@ -70,9 +70,13 @@ def test_export_refuses_a_user_folder_and_the_source_adapter(assets, tmp_path):
     assert content(mine) == {"notes.txt": b"my notes\n", "src/main.py": b"print('mine')\n"}
     assert content(adapter) == before
 
-    rc, _, err = nlora("export", "--adapter", adapter, "--out", mine, "--overwrite")  # asked for: replaced
+    rc, _, err = nlora("export", "--adapter", adapter, "--out", mine, "--overwrite")  # never a folder of user files
+    one_line_error(rc, err, "holds 'notes.txt', which nlora did not write")
+    assert content(mine) == {"notes.txt": b"my notes\n", "src/main.py": b"print('mine')\n"}
+    mine = tmp_path / "export"
+    rc, _, err = nlora("export", "--adapter", adapter, "--out", mine)
     assert rc == 0, err
-    assert not (mine / "notes.txt").exists() and (mine / "adapter_model.safetensors").exists()
+    assert (mine / "adapter_model.safetensors").exists() and (mine / "tokenizer_config.json").exists()
     rc, _, err = nlora("export", "--adapter", adapter, "--out", mine, "--merged")  # an export of ours: replaced
     assert rc == 0, err
     assert (mine / "model.safetensors").exists() and not (mine / "adapter_model.safetensors").exists()
@@ -116,7 +120,7 @@ def test_export_lora_api_refuses_a_user_folder(assets, tmp_path):
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), assets["run"] / "adapter")
     mine = user_folder(tmp_path / "mine")
-    with pytest.raises(FileExistsError, match="is not empty and is not an nlora export"):
+    with pytest.raises(FileExistsError, match="which nlora did not write"):
         nlora.export_lora(model, mine)
     assert (mine / "notes.txt").exists()
     with warnings.catch_warnings():
@@ -130,7 +134,7 @@ def test_overwrite_never_touches_a_folder_that_is_not_a_run(assets, tmp_path):
     mine = user_folder(tmp_path / "mine")
     for extra in ((), ("--overwrite",)):
         rc, _, err = nlora("train", *train_args(assets["model"], assets["sft"], mine, *extra))
-        one_line_error(rc, err, "is not an nlora run folder")
+        one_line_error(rc, err, "it is not an nlora run folder")
         assert content(mine) == {"notes.txt": b"my notes\n", "src/main.py": b"print('mine')\n"}
 
 
@@ -258,7 +262,7 @@ def test_eval_never_writes_into_a_user_folder_an_input_or_next_to_its_data(asset
     (mine / "score.json").write_text('{"mine": 1}\n')
     before = {"mine": content(mine), "adapter": content(adapter), "data": content(data.parent)}
     base = ["eval", "--adapter", adapter, "--data", data, "--limit", "2", "--max-new-tokens", "2"]
-    for out, fragment in ((mine, "is not an nlora eval folder"), (adapter, "lies inside the input"),
+    for out, fragment in ((mine, "it is not an nlora eval folder"), (adapter, "lies inside the input"),
                           (data.parent, "contains or lies inside the input")):  # fmt: skip
         rc, _, err = nlora(*base, "--output-dir", out)
         one_line_error(rc, err, str(out), fragment)
@@ -274,7 +278,7 @@ def test_compare_never_replaces_a_users_tables(assets, tmp_path):
     (mine / "compare.md").write_text("my table\n")
     before = content(mine)
     rc, _, err = nlora("compare", *train_args(assets["model"], assets["sft"], mine), "--methods", "lora")
-    one_line_error(rc, err, "is not an nlora compare folder")
+    one_line_error(rc, err, "it is not an nlora compare folder")
     assert content(mine) == before
 
 

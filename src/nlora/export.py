@@ -19,8 +19,7 @@ from .files import (
     ADAPTER_WEIGHTS,
     EXPORT_MARKER,
     FINGERPRINT_SUFFIX,
-    atomic_directory,
-    check_destination,
+    OutputFolder,
     read_adapter,
 )
 from .layer import adapter_param, factor_names
@@ -46,7 +45,11 @@ def lora_factors(module: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.T
 
 
 def export_lora(
-    model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default", overwrite: bool = False
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    adapter_name: str = "default",
+    overwrite: bool = False,
+    tokenizer=None,
 ) -> Path:
     """Write ``adapter_name`` of an NLoRA ``PeftModel`` as a vanilla PEFT LoRA adapter (``peft_type`` "LORA").
 
@@ -61,8 +64,9 @@ def export_lora(
     ``"requantize"`` the rank-2r export applies to the original quantised model and is off by the rounding of the
     requantised residual.
 
-    ``out_dir`` may be a new or empty folder or an earlier export; any other non-empty folder is replaced only with
-    ``overwrite=True``, and only once the new export is complete.
+    ``out_dir`` may be a new or empty folder, or an earlier export, replaced once the new export is complete; a
+    folder holding files an export did not write is refused (``overwrite`` is accepted for compatibility and no
+    longer needed). ``tokenizer`` is saved with the export.
     """
     from peft.utils import get_peft_model_state_dict
 
@@ -71,7 +75,8 @@ def export_lora(
     config = model.peft_config[adapter_name]
     if not isinstance(config, NLoraConfig):
         raise TypeError(f"Adapter '{adapter_name}' is not an NLoRA adapter; save it with save_pretrained instead.")
-    check_destination(out_dir, EXPORT_MARKER, "export", overwrite)
+    folder = OutputFolder(out_dir, EXPORT_MARKER, replace_own=True)
+    folder.check()
     factors = {}
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in getattr(module, "lora_N", {}):
@@ -111,10 +116,12 @@ def export_lora(
         bias="none",
         init_lora_weights=True,
     )
-    with atomic_directory(out_dir, marker=EXPORT_MARKER) as tmp:
+    with folder.replacing() as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         lora_config.save_pretrained(str(tmp))
         write_card(tmp, export_card(config, r))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         problems = vllm_problems(tmp)
     if problems:
         warnings.warn(
@@ -130,7 +137,8 @@ def convert_reference_checkpoint(src: str | os.PathLike, dst: str | os.PathLike,
     Their checkpoints say ``peft_type: LORA`` with ``init_lora_weights`` "n_lora" or "s_lora" and carry ``lora_N``
     tensors; stock PEFT would silently drop N. The weights keep their names; only the config changes.
     """
-    check_destination(dst, EXPORT_MARKER, "converted adapter", overwrite, inputs=[src])
+    folder = OutputFolder(dst, EXPORT_MARKER, replace_own=True, inputs=[src], what="converted adapter")
+    folder.check()
     raw, tensors = read_adapter(src)
     init = raw.get("init_lora_weights")
     has_n = any(".lora_N." in k or k.endswith(".lora_N") for k in tensors)
@@ -151,7 +159,7 @@ def convert_reference_checkpoint(src: str | os.PathLike, dst: str | os.PathLike,
             raise ValueError(f"{src} uses {key}, which NLoRA does not support; not converted.")
         kwargs.pop(key, None)
     config = NLoraConfig(**kwargs)
-    with atomic_directory(dst, marker=EXPORT_MARKER) as tmp:
+    with folder.replacing() as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
     return Path(dst)

@@ -8,9 +8,13 @@ an old folder is complete before the old one goes.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import glob
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,39 +33,209 @@ COMPARE_MARKER = ".nlora-compare"  # in every folder that `nlora compare` wrote
 FINGERPRINT_SUFFIX = "nystrom_fingerprint"
 
 
+KINDS = {RUN_MARKER: "run", EXPORT_MARKER: "export", EVAL_MARKER: "eval", COMPARE_MARKER: "compare"}
+# what each kind writes at its top level, for folders whose marker predates the manifest
+DEFAULT_WRITES = {
+    RUN_MARKER: ("run_config.json", "metrics.jsonl", "summary.json", "adapter", "merged", "residual-base",
+                 "checkpoint-*"),
+    EVAL_MARKER: ("predictions.jsonl", "score.json"),
+    COMPARE_MARKER: ("compare.md", "compare.json", "compare.png", "*-seed*", "runs", "tune.md", "tune.json",
+                     "tune.png"),
+}  # fmt: skip
+LEFTOVERS = ("previous", "old", "tmp")  # .NAME.<kind>-... next to a folder: an interrupted replacement
+
+
+class FolderBusy(RuntimeError):
+    """Another nlora command holds the folder's lock."""
+
+
+def _mode() -> int:
+    """The permissions of a new folder under the process's umask (mkdtemp makes 0700 folders)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def lock_file(path: Path) -> Path:
+    """The lock file of an output folder: keyed by its absolute path, kept outside it (so that replacing the folder
+    keeps the lock, and the user's folders get no lock files) in the user's runtime or temporary folder."""
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    folder = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"nlora-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder / f"{key}.lock"
+
+
+def read_marker(path: Path) -> dict:
+    """The marker file of an nlora output folder (its kind and the manifest of what it writes)."""
+    for marker in KINDS:
+        if (path / marker).is_file():
+            try:
+                content = json.loads((path / marker).read_text() or "{}")
+            except json.JSONDecodeError:
+                content = {}
+            return {"marker": marker, "writes": content.get("writes") or list(DEFAULT_WRITES.get(marker, ()))}
+    return {}
+
+
+def foreign_entries(path: Path, writes: Iterable[str]) -> list[str]:
+    """Entries at the top of ``path`` that no pattern of the manifest ``writes`` covers: not nlora's to replace."""
+    writes = list(writes)
+    return sorted(
+        entry.name
+        for entry in path.iterdir()
+        if entry.name not in KINDS and not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in writes)
+    )
+
+
+class OutputFolder:
+    """The one mechanism behind every folder nlora writes: a training run, an evaluation, a comparison, an export.
+
+    - Symlinks are resolved first: the folder a link points to is the one checked and written.
+    - The folder may neither be, contain, nor lie inside an input (data, adapter, model).
+    - A folder nlora did not write (no marker), or another kind's folder, is never written into. A folder of this
+      kind is replaced only with ``overwrite`` (or, for ``replace_own`` kinds whose outputs are reproducible, always),
+      and only when every entry in it is in its manifest: the first foreign entry is named and nothing is written.
+    - While writing, a lock (:func:`lock_file`) refuses a second writer.
+    - Leftovers of an interrupted replacement next to the folder are restored (when the folder is gone) or removed
+      (once a later command completes it), and each is reported.
+
+    :meth:`check` writes nothing; :meth:`acquire` locks and cleans up; :meth:`release` finishes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        marker: str,
+        *,
+        overwrite: bool = False,
+        replace_own: bool = False,
+        inputs: Iterable[str | os.PathLike | None] = (),
+        what: str | None = None,
+    ) -> None:
+        self.given = Path(path)
+        self.path = self.given.resolve() if self.given.is_symlink() else self.given
+        self.marker, self.overwrite, self.replace_own = marker, overwrite, replace_own
+        self.inputs, self.what = [s for s in inputs if s], what or KINDS[marker]
+        self._lock = None
+
+    def check(self, resume: bool = False) -> bool:
+        """Refuse a destination we must not write; return whether an existing folder of ours will be replaced."""
+        path, what = self.path, self.what
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{self.given} is a file, not a folder; give a folder for the {what}.")
+        if not path.name:
+            raise ValueError(f"{self.given} names no folder of its own; give a folder for the {what}.")
+        dst = path.resolve()
+        for source in (Path(s) for s in self.inputs if Path(s).exists()):  # a name (gsm8k, a hub id) is no path
+            src = source.resolve()
+            if dst == src or src in dst.parents or dst in src.parents:
+                raise ValueError(
+                    f"The {what} folder {self.given} is, contains or lies inside the input {source}; "
+                    "write it elsewhere."
+                )
+        if not path.exists() or not any(path.iterdir()):
+            return False
+        found = read_marker(path)
+        if not found:
+            first = sorted(entry.name for entry in path.iterdir())[0]
+            raise FileExistsError(
+                f"{self.given} holds '{first}', which nlora did not write (it is not an nlora {what} folder: it has no "
+                f"{self.marker}); nlora never writes into such a folder, so choose another folder."
+            )
+        if found["marker"] != self.marker:
+            raise FileExistsError(
+                f"{self.given} is an nlora {KINDS[found['marker']]} folder, not a {what} folder; choose another folder."
+            )
+        foreign = foreign_entries(path, found["writes"])
+        if foreign:
+            raise FileExistsError(
+                f"{self.given} holds '{foreign[0]}', which nlora did not write; move it out or choose another folder "
+                "(nlora replaces only the files its manifest lists)."
+            )
+        if not (self.overwrite or self.replace_own or resume):
+            raise FileExistsError(
+                f"{self.given} holds another nlora {what}; pass --overwrite to replace it, or choose another folder."
+            )
+        return True
+
+    def leftovers(self) -> list[Path]:
+        """Hidden folders an interrupted replacement of this folder left next to it."""
+        parent, name = self.path.parent, self.path.name
+        if not parent.is_dir():
+            return []
+        return sorted(p for kind in LEFTOVERS for p in parent.glob(f".{glob.escape(name)}.{kind}-*"))
+
+    def acquire(self, resume: bool = False) -> bool:
+        """Lock the folder (one writer at a time), restore or clean up leftovers, and check it again under the lock.
+
+        Returns :meth:`check`'s answer.
+        """
+        from filelock import FileLock, Timeout
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_file(self.path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise FolderBusy(
+                f"Another nlora command is writing {self.given}; wait for it to finish or choose another folder."
+            ) from None
+        self._lock = lock
+        try:
+            for leftover in self.leftovers():
+                if leftover.name.startswith(f".{self.path.name}.tmp-"):
+                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                    print(f"nlora: removed {leftover}, unfinished output of an interrupted command.", file=sys.stderr)
+                elif not self.path.exists():
+                    os.replace(leftover, self.path)
+                    print(f"nlora: restored {self.given} from {leftover}, where an interrupted command had moved it.",
+                          file=sys.stderr)  # fmt: skip
+            return self.check(resume)
+        except BaseException:
+            self.release(finished=False)
+            raise
+
+    def write_marker(self, folder: Path | None = None, writes: Iterable[str] | None = None) -> None:
+        """Mark ``folder`` (default: this folder) as this kind's, with the manifest of what it writes."""
+        folder = folder or self.path
+        writes = list(writes) if writes is not None else list(DEFAULT_WRITES.get(self.marker, ()))
+        (folder / self.marker).write_text(json.dumps({"nlora": self.what, "writes": writes}) + "\n")
+
+    def release(self, finished: bool = True) -> None:
+        """Unlock; once the folder is complete, previous versions kept next to it are removed (and reported)."""
+        try:
+            if finished and self.path.exists():
+                for leftover in self.leftovers():
+                    if leftover.name.startswith((f".{self.path.name}.previous-", f".{self.path.name}.old-")):
+                        shutil.rmtree(leftover, ignore_errors=True)
+                        if not leftover.name.endswith(f"-{os.getpid()}"):  # our own is expected; an older one is news
+                            print(f"nlora: removed {leftover}, the previous {self.what} that {self.given} replaced.",
+                                  file=sys.stderr)  # fmt: skip
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    @contextlib.contextmanager
+    def replacing(self, writes: Iterable[str] | None = None) -> Iterator[Path]:
+        """Lock, then yield a temporary folder that replaces this one only if the block succeeds (an export, an
+        evaluation): the manifest lists what the block wrote unless ``writes`` is given."""
+        self.acquire()
+        finished = False
+        try:
+            with atomic_directory(self.path) as tmp:
+                yield tmp
+                self.write_marker(tmp, writes if writes is not None else sorted(p.name for p in tmp.iterdir()))
+            finished = True
+        finally:
+            self.release(finished)
+
+
 def check_destination(
     path: str | os.PathLike, marker: str, what: str, overwrite: bool, inputs: Iterable[str | os.PathLike | None] = ()
 ) -> bool:
-    """Refuse a destination folder we must not write; return whether an existing folder of ours will be replaced.
-
-    ``marker`` names folders nlora wrote itself. A non-empty folder without it is replaced only with ``overwrite``
-    when ``what`` is an export; any other kind of output folder without it never is. The folder may neither be,
-    contain, nor lie inside any of ``inputs`` (the adapter, data or model the command reads).
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{path} is a file, not a folder; give a folder for the {what}.")
-    dst = path.resolve()
-    for source in (Path(s) for s in inputs if s and Path(s).exists()):  # a name (gsm8k, a hub id) is no path
-        src = source.resolve()
-        if dst == src or src in dst.parents or dst in src.parents:
-            raise ValueError(
-                f"The {what} folder {path} is, contains or lies inside the input {source}; write it elsewhere."
-            )
-    if not path.exists() or not any(path.iterdir()):
-        return False
-    if (path / marker).exists():
-        return True
-    if overwrite and marker == EXPORT_MARKER:
-        return True
-    if marker == EXPORT_MARKER:
-        raise FileExistsError(
-            f"{path} is not empty and is not an nlora export; pass --overwrite to replace it, or choose another folder."
-        )
-    raise FileExistsError(
-        f"{path} is not empty and is not an nlora {what} folder (it has no {marker}); nlora never replaces such a "
-        "folder, so choose another --output-dir."
-    )
+    """:meth:`OutputFolder.check` for library callers that write with :func:`atomic_directory` themselves."""
+    return OutputFolder(path, marker, overwrite=overwrite, inputs=inputs, what=what).check()
 
 
 @contextlib.contextmanager
@@ -69,15 +243,16 @@ def atomic_directory(target: str | os.PathLike, marker: str | None = None) -> It
     """Yield a temporary directory next to ``target`` and move it into place only if the block succeeds.
 
     A failure leaves any previous ``target`` untouched and removes the partial files. Callers check with
-    :func:`check_destination` first whether ``target`` may be replaced; ``marker`` is written into the new folder.
+    :class:`OutputFolder` first whether ``target`` may be replaced; ``marker`` is written into the new folder.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, _mode())  # readable like any folder the user makes, not mkdtemp's 0700
     try:
         yield tmp
-        if marker:
-            (tmp / marker).write_text("{}\n")
+        if marker and not (tmp / marker).exists():
+            OutputFolder(target, marker).write_marker(tmp, sorted(p.name for p in tmp.iterdir()))
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

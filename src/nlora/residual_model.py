@@ -15,7 +15,7 @@ from torch import nn
 
 from ._compat import LoraModel
 from .config import NLoraConfig
-from .files import EXPORT_MARKER, atomic_directory, check_destination
+from .files import EXPORT_MARKER, OutputFolder
 from .layer import base_fingerprint, quantized
 
 ADAPTER_SUBDIR = "initial_adapter"
@@ -40,7 +40,8 @@ def save_residual_model(
     bad = next((n for n, m in model.named_modules() if quantized(m)), None)
     if bad is not None:
         raise ValueError(f"save_residual_model needs the full-precision model, but '{bad}' is already quantised.")
-    check_destination(out_dir, EXPORT_MARKER, "residual model", overwrite)
+    folder = OutputFolder(out_dir, EXPORT_MARKER, replace_own=True, what="residual model")
+    folder.check()
     peft_model = get_peft_model(model, config)
     untied = any(getattr(m, "nlora_untied", None) for m in peft_model.modules())
     for layer in peft_model.modules():  # the adapter names the residual base by its weights, and refuses any other
@@ -49,7 +50,7 @@ def save_residual_model(
     reload_config = dataclasses.replace(
         config, residual=False, save_frozen_factors=True, base_model_name_or_path=str(Path(out_dir).resolve())
     )
-    with atomic_directory(out_dir, marker=EXPORT_MARKER) as tmp:
+    with folder.replacing() as tmp:
         peft_model.peft_config["default"] = reload_config
         peft_model.save_pretrained(tmp / ADAPTER_SUBDIR)
         base = LoraModel.unload(peft_model.base_model)  # PEFT's unload keeps the residual weights (ours adds W back)

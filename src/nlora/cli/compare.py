@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..files import COMPARE_MARKER, check_destination, write_atomic
+from ..files import COMPARE_MARKER, OutputFolder, write_atomic
 from ..rates import rate_spread, recommended_learning_rate
 from .settings import NYSTROM_KNOBS, TrainSettings
 from .train import run_train
@@ -37,21 +37,27 @@ def run_key(settings: TrainSettings) -> str:
     return key
 
 
-def run_stored(settings: TrainSettings, store: Path | None) -> dict[str, Any]:
-    """Train once, or reuse the run stored under ``store`` with exactly these settings.
+def run_stored(settings: TrainSettings, store: Path | None, needs: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train once, or reuse the run stored under ``store`` with exactly these settings and the summary keys ``needs``.
 
     The stored record holds the settings, the summary and the metric curves (``metrics.jsonl``), so tables and plots
-    can be rebuilt, and a study extended or rerun elsewhere, without training again.
+    can be rebuilt, and a study extended or rerun elsewhere, without training again. A stored run that lacks a needed
+    measurement is trained again; its earlier final loss is kept in the record as a reproduction check.
     """
     path = store / f"{run_key(settings)}.json" if store is not None else None
     wanted = settings.comparable()
+    previous = None
     if path is not None and path.exists():
         record = json.loads(path.read_text())
         if record["settings"] == wanted:
-            return record
+            if all(key in record["summary"] for key in needs):
+                return record
+            previous = record["summary"].get("after_loss")
     summary = run_train(settings)
     lines = (Path(settings.output_dir) / "metrics.jsonl").read_text().splitlines()
     record = {"settings": wanted, "summary": summary, "metrics": [json.loads(line) for line in lines]}
+    if previous is not None:
+        record["rerun_of_after_loss"] = previous
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -67,29 +73,36 @@ def run_compare(
 
     With ``store``, runs already stored there under the same settings are reused instead of retrained.
     """
-    out = Path(out_dir)
-    check_destination(out, COMPARE_MARKER, "compare", overwrite=False, inputs=[base.data, base.model])
+    folder = OutputFolder(out_dir, COMPARE_MARKER, replace_own=True, inputs=[base.data, base.model])
+    folder.check()
+    out = folder.path
     shared = base.learning_rate_source == "given"  # else every method trains at its own recommended rate
     warning = shared_rate_warning(base.learning_rate, methods, base.task) if shared else None
     if warning:
         print(f"nlora: warning: {warning}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / COMPARE_MARKER).write_text("{}\n")  # the folder is ours from now on: its runs and tables may be replaced
-    records = []
-    for method in methods:
-        for seed in seeds:
-            run_dir = out / f"{method}-seed{seed}"
-            own_rate = {} if shared else {"learning_rate": None}
-            settings = dataclasses.replace(
-                base, method=method, seed=seed, output_dir=str(run_dir), resume=False, overwrite=True, **own_rate
-            )
-            settings.validate()
-            records.append(run_stored(settings, store))
-    summaries = [{"learning_rate": r["settings"]["learning_rate"], **r["summary"]} for r in records]
-    table = markdown_table(summaries)
-    write_atomic(out / "compare.json", json.dumps(records, indent=2))
-    write_atomic(out / "compare.md", f"**Warning:** {warning}\n\n{table}" if warning else table)
-    plot_losses(records, out / "compare.png")
+    folder.acquire()
+    finished = False
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        folder.write_marker()  # the folder is ours from now on: its runs and tables may be replaced
+        records = []
+        for method in methods:
+            for seed in seeds:
+                run_dir = out / f"{method}-seed{seed}"
+                own_rate = {} if shared else {"learning_rate": None}
+                settings = dataclasses.replace(
+                    base, method=method, seed=seed, output_dir=str(run_dir), resume=False, overwrite=True, **own_rate
+                )
+                settings.validate()
+                records.append(run_stored(settings, store))
+        summaries = [{"learning_rate": r["settings"]["learning_rate"], **r["summary"]} for r in records]
+        table = markdown_table(summaries)
+        write_atomic(out / "compare.json", json.dumps(records, indent=2))
+        write_atomic(out / "compare.md", f"**Warning:** {warning}\n\n{table}" if warning else table)
+        plot_losses(records, out / "compare.png")
+        finished = True
+    finally:
+        folder.release(finished)
     return out / "compare.md"
 
 

@@ -74,8 +74,11 @@ def check_fields(rows: list[dict[str, Any]], fields: list[str], source: str) -> 
                 raise ValueError(f"Row {index} of {source} has no value for '{name}'; fix or drop that row.")
 
 
-def train_and_eval_rows(settings: TrainSettings) -> tuple[list[dict], list[dict], list[str] | None]:
-    """Training and held-out rows with the task's fields checked, and the label names of string-labelled data."""
+def train_and_eval_rows(
+    settings: TrainSettings,
+) -> tuple[list[dict], list[dict], list[dict], list[str] | None]:
+    """Training, held-out and validation rows with the task's fields checked, and the label names of
+    string-labelled data. The validation rows are the ``validation_samples`` held-out rows after the reported ones."""
     rows = load_rows(settings.data, "train")
     if settings.eval_data:
         eval_rows = load_rows(settings.eval_data, "test")
@@ -93,10 +96,17 @@ def train_and_eval_rows(settings: TrainSettings) -> tuple[list[dict], list[dict]
     check_fields(eval_rows, fields, settings.eval_data or f"{settings.data} (held-out)")
     if settings.max_train_samples:
         rows = rows[: settings.max_train_samples]
+    validation_rows = []
     if settings.max_eval_samples:
-        eval_rows = eval_rows[: settings.max_eval_samples]
-    names = label_ids(rows, eval_rows, settings) if settings.task == "classification" else None
-    return rows, eval_rows, names
+        end = settings.max_eval_samples + settings.validation_samples
+        if settings.validation_samples and len(eval_rows) < end:
+            raise ValueError(
+                f"The held-out rows of '{settings.data}' are {len(eval_rows)}, fewer than --max-eval-samples plus "
+                f"--validation-samples ({end}); lower one of them."
+            )
+        eval_rows, validation_rows = eval_rows[: settings.max_eval_samples], eval_rows[settings.max_eval_samples : end]
+    names = label_ids(rows, eval_rows + validation_rows, settings) if settings.task == "classification" else None
+    return rows, eval_rows, validation_rows, names
 
 
 def label_ids(rows: list[dict], eval_rows: list[dict], settings: TrainSettings) -> list[str] | None:

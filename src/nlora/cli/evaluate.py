@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..files import EVAL_MARKER, atomic_directory, check_destination
+from ..files import EVAL_MARKER, OutputFolder
 from .metrics import (
     classification_metrics,
     extract_gsm8k_answer,
@@ -71,9 +71,8 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
         raise ValueError(f"Unknown eval task '{settings.task}'; choose one of {', '.join(EVAL_TASKS)}.")
     out = Path(settings.output_dir)
     # before anything is loaded: a folder of nlora eval's own, or a new / empty one, never an input or a user's folder
-    check_destination(
-        out, EVAL_MARKER, "eval", overwrite=False, inputs=[settings.adapter, settings.data, settings.model]
-    )
+    folder = OutputFolder(out, EVAL_MARKER, replace_own=True, inputs=[settings.adapter, settings.data, settings.model])
+    folder.check()
     records: list[dict[str, Any]] = []
 
     if settings.harness:
@@ -173,7 +172,7 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
             )
 
     score["quantization"] = settings.base_quantization()  # what was scored: a 4-bit run on its 4-bit model
-    with atomic_directory(out, marker=EVAL_MARKER) as tmp:  # complete before it replaces an earlier eval
+    with folder.replacing(writes=["predictions.jsonl", "score.json"]) as tmp:  # complete before it replaces one
         with (tmp / "predictions.jsonl").open("w") as handle:
             for record in records:
                 handle.write(json.dumps(record, default=str) + "\n")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..files import ADAPTER_WEIGHTS, EXPORT_MARKER, atomic_directory, check_destination
+from ..files import ADAPTER_WEIGHTS, EXPORT_MARKER, OutputFolder
 from .models import adapter_config, load_model
 from .settings import ExportSettings, SettingsError
 
@@ -30,9 +30,9 @@ def run_export(settings: ExportSettings) -> str:
             f"{settings.adapter} is a {config.get('peft_type')} adapter, not an NLoRA one; PEFT and vLLM load it "
             "as it is, so there is nothing to export."
         )
-    check_destination(
-        settings.out, EXPORT_MARKER, "export", settings.overwrite, inputs=[settings.adapter, settings.model]
-    )
+    inputs = [settings.adapter, settings.model]
+    folder = OutputFolder(settings.out, EXPORT_MARKER, replace_own=True, inputs=inputs)
+    folder.check()
     task = "classification" if config.get("task_type") == "SEQ_CLS" else "sft"
     model, tokenizer = load_model(
         settings.model,
@@ -42,11 +42,10 @@ def run_export(settings: ExportSettings) -> str:
         adapter=settings.adapter,
     )
     if settings.merged:
-        with atomic_directory(settings.out, marker=EXPORT_MARKER) as tmp:
+        with folder.replacing() as tmp:
             model.merge_and_unload().save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         return f"nlora: wrote the merged model to {settings.out}"
-    nlora.export_lora(model, settings.out, overwrite=settings.overwrite)
-    tokenizer.save_pretrained(settings.out)
+    nlora.export_lora(model, settings.out, overwrite=settings.overwrite, tokenizer=tokenizer)
     base = model.peft_config["default"].base_model_name_or_path
     return f"nlora: wrote a vanilla LoRA adapter to {settings.out}; serve it on the base model {base}"

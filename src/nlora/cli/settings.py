@@ -80,6 +80,11 @@ class DataSettings:
     eval_fraction: float = field(default=0.1, metadata={"help": "held-out share when eval_data is not given"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use the first N training rows"})
     max_eval_samples: int | None = field(default=64, metadata={"help": "use the first N held-out rows"})
+    validation_samples: int = field(
+        default=0,
+        metadata={"help": "after training, also score the N held-out rows that follow the reported ones (a "
+                  "validation slice for choosing settings, disjoint from what is reported); 0: none"},
+    )  # fmt: skip
     prompt_field: str = field(default="question", metadata={"help": "sft: the prompt column"})
     response_field: str = field(default="answer", metadata={"help": "sft: the response column"})
     prompt_template: str = field(default=ALPACA_PROMPT, metadata={"help": "sft: wraps {prompt} (the paper's Alpaca)"})
@@ -174,7 +179,7 @@ class TrainSettings(OutputSettings, OptimSettings, AdapterSettings, DataSettings
 
     # fields that may differ between a run and its resumption
     RESUMABLE_CHANGES = ("resume", "overwrite", "output_dir", "merge", "eval_before", "logging_steps",
-                         "learning_rate_source")  # fmt: skip
+                         "learning_rate_source", "validation_samples")  # fmt: skip
 
     def validate(self) -> None:
         """Refuse impossible values with one sentence each, before anything is loaded or written."""
@@ -186,6 +191,10 @@ class TrainSettings(OutputSettings, OptimSettings, AdapterSettings, DataSettings
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.validation_samples < 0:
+            raise SettingsError(f"--validation-samples must be 0 or more, got {self.validation_samples}.")
+        if self.validation_samples and not self.max_eval_samples:
+            raise SettingsError("--validation-samples needs --max-eval-samples: the validation rows follow those.")
         if self.max_steps == 0 or self.max_steps < -1:
             raise SettingsError(f"--max-steps must be a positive number of steps or -1 (epochs), got {self.max_steps}.")
         if self.learning_rate is None:  # the study's rate for this method (a shared one favours some methods)
@@ -333,7 +342,11 @@ class ExportSettings:
     out: str = field(default=None, metadata={"help": "the folder to write (required; never inside --adapter)"})
     model: str | None = field(default=None, metadata={"help": "base model (default: the adapter's base model)"})
     merged: bool = field(default=False, metadata={"help": "write the merged model instead of a LoRA adapter"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --out that is not an nlora export"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "not needed: an earlier export is replaced, a folder of other files never is (kept for "
+                  "old scripts)"},
+    )  # fmt: skip
     trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with a hub model"})
 
 

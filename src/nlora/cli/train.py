@@ -6,6 +6,7 @@ FSDP) come from Trainer/accelerate; this file only wires data, model, adapter an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..files import RUN_MARKER, atomic_directory, check_destination
+from ..files import RUN_MARKER, OutputFolder, atomic_directory
 from .settings import TrainSettings
 
 RUN_CONFIG = "run_config.json"
@@ -26,10 +27,17 @@ class RunError(ValueError):
     """A problem with the user's run settings or files (reported as one line, exit code 2)."""
 
 
+def run_output(settings: TrainSettings) -> OutputFolder:
+    """The run's output folder (a local data file or model folder inside it, or around it, is refused)."""
+    return OutputFolder(settings.output_dir, RUN_MARKER, overwrite=settings.overwrite,
+                        inputs=[settings.data, settings.model])  # fmt: skip
+
+
 def check_run_dir(settings: TrainSettings) -> str | None:
     """Check the output folder without writing anything; return the checkpoint to resume from (if any)."""
     out = Path(settings.output_dir)
     if settings.resume:
+        run_output(settings).check(resume=True)  # still a run folder, and only of nlora's files
         if not (out / RUN_CONFIG).exists() or not (out / RUN_MARKER).exists():
             raise RunError(f"Cannot resume: {out} holds no nlora run; start it without --resume.")
         recorded = json.loads((out / RUN_CONFIG).read_text())
@@ -48,8 +56,7 @@ def check_run_dir(settings: TrainSettings) -> str | None:
                 "--overwrite to train it again, or raise --max-steps under another --output-dir."
             )
         return last_complete_checkpoint(out)
-    inputs = [settings.data, settings.model]  # a local data file or model folder (names are not paths: skipped)
-    if check_destination(out, RUN_MARKER, "run", settings.overwrite, inputs) and not settings.overwrite:
+    if run_output(settings).check(resume=True) and not settings.overwrite:
         raise RunError(
             f"{out} holds another nlora run; pass --overwrite to replace it once this run has its adapter, "
             "--resume to continue it, or choose another --output-dir."
@@ -62,13 +69,16 @@ class RunFolder:
     aside (never deleted) until this run has saved its adapter; if this run fails, it is put back."""
 
     def __init__(self, settings: TrainSettings, label_names: list[str] | None = None):
-        self.out = Path(settings.output_dir)
+        self.folder = run_output(settings)
+        self.out = self.folder.path
         self.settings, self.label_names = settings, label_names
         self.previous: Path | None = None
         self.created = False
         self.was_there = False  # an empty folder the user made: emptied, never removed, on failure
 
     def open(self) -> None:
+        """Lock the folder (a second writer is refused), then move a replaced run aside and mark the folder."""
+        self.folder.acquire(resume=self.settings.resume)
         if self.settings.resume:
             return
         if self.out.exists() and any(self.out.iterdir()):  # an nlora run: check_run_dir allowed --overwrite
@@ -77,7 +87,7 @@ class RunFolder:
         self.was_there = self.out.is_dir()
         self.out.mkdir(parents=True, exist_ok=True)
         self.created = True
-        (self.out / RUN_MARKER).write_text(json.dumps({"nlora_run": 1}) + "\n")
+        self.folder.write_marker()
         tmp = self.out / (RUN_CONFIG + ".tmp")
         recorded = {**self.settings.comparable(), "learning_rate_source": self.settings.learning_rate_source}
         if self.label_names:  # class id i is label_names[i] (also the model's id2label)
@@ -86,24 +96,28 @@ class RunFolder:
         os.replace(tmp, self.out / RUN_CONFIG)
 
     def done(self) -> None:
-        if self.previous is not None:
-            shutil.rmtree(self.previous, ignore_errors=True)
+        self.folder.release(finished=True)  # the replaced run (and any an interrupted command left) goes now
 
     def failed(self) -> None:
         """A crash: remove what this run wrote and put the previous run back."""
-        if not self.created:
-            return
-        if self.was_there:  # it was empty: everything in it is ours
-            for child in self.out.iterdir():
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
-            return
-        shutil.rmtree(self.out, ignore_errors=True)
-        if self.previous is not None:
-            os.replace(self.previous, self.out)
+        try:
+            if not self.created:
+                return
+            if self.was_there:  # it was empty: everything in it is ours
+                for child in self.out.iterdir():
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+                return
+            shutil.rmtree(self.out, ignore_errors=True)
+            if self.previous is not None:
+                os.replace(self.previous, self.out)
+        finally:
+            self.folder.release(finished=False)
 
     def interrupted(self) -> None:
         if self.previous is not None:
-            print(f"nlora: the previous run stays in {self.previous} until this one completes.", file=sys.stderr)
+            print(f"nlora: the previous run stays in {self.previous} until this run completes (--resume finishes it "
+                  "and then removes it).", file=sys.stderr)  # fmt: skip
+        self.folder.release(finished=False)
 
 
 def last_complete_checkpoint(out: Path) -> str | None:
@@ -116,12 +130,12 @@ def last_complete_checkpoint(out: Path) -> str | None:
     return str(max(complete)[1]) if complete else None
 
 
-def tokenize(settings: TrainSettings, tokenizer, train_rows, eval_rows) -> tuple[list[dict], list[dict]]:
-    """Tokenised training and held-out examples of the task."""
+def tokenize(settings: TrainSettings, tokenizer, *row_sets: list[dict]) -> tuple[list[dict] | None, ...]:
+    """Tokenised examples of the task, one list per set of rows (None for an empty set)."""
     from .data import tokenize_classification, tokenize_sft
 
     encode = tokenize_sft if settings.task == "sft" else tokenize_classification
-    return encode(train_rows, tokenizer, settings), encode(eval_rows, tokenizer, settings)
+    return tuple(encode(rows, tokenizer, settings) if rows else None for rows in row_sets)
 
 
 def build_trainer(settings: TrainSettings, model, tokenizer, train_set, eval_set, callbacks):
@@ -210,12 +224,14 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
     from .models import load_model
 
     settings.validate()
+    if Path(settings.output_dir).is_symlink():  # the folder a link points to is the run folder
+        settings = dataclasses.replace(settings, output_dir=str(Path(settings.output_dir).resolve()))
     # sets up torch.distributed under torchrun / accelerate launch (gloo when there is no GPU)
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(settings.output_dir)
     resume_from = check_run_dir(settings)
     set_seed(settings.seed)
-    train_rows, eval_rows, label_names = train_and_eval_rows(settings)
+    train_rows, eval_rows, validation_rows, label_names = train_and_eval_rows(settings)
     config = peft_config(settings)
     # QNLoRA: a residual init on a quantised base is computed from the full-precision weights first
     qnlora = settings.quantization != "none" and getattr(config, "uses_residual", False)
@@ -231,7 +247,7 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
         except ValueError as err:
             raise RunError(str(err)) from err
     init_seconds = time.perf_counter() - started
-    train_set, eval_set = tokenize(settings, tokenizer, train_rows, eval_rows)
+    train_set, eval_set, validation_set = tokenize(settings, tokenizer, train_rows, eval_rows, validation_rows)
 
     # every check passed: from here on the run writes
     folder = RunFolder(settings, label_names)
@@ -244,7 +260,7 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
             model = quantized_residual_model(settings, state, model, config, tokenizer)
             init_seconds = time.perf_counter() - started
         trainable, total = model.get_nb_trainable_parameters()
-        summary = _train(settings, state, model, tokenizer, train_set, eval_set, resume_from, out)
+        summary = _train(settings, state, model, tokenizer, train_set, eval_set, validation_set, resume_from, out)
     except KeyboardInterrupt:
         folder.interrupted()
         raise
@@ -283,7 +299,7 @@ def quantized_residual_model(settings: TrainSettings, state, model, config, toke
     return model
 
 
-def _train(settings, state, model, tokenizer, train_set, eval_set, resume_from, out: Path) -> dict[str, Any]:
+def _train(settings, state, model, tokenizer, train_set, eval_set, validation_set, resume_from, out: Path) -> dict:
     from .callbacks import GracefulInterrupt, MetricsLogger, peak_memory_mb
 
     resume_step = int(resume_from.rsplit("-", 1)[-1]) if resume_from else 0
@@ -303,6 +319,8 @@ def _train(settings, state, model, tokenizer, train_set, eval_set, resume_from, 
         raise KeyboardInterrupt
 
     after = trainer.evaluate(metric_key_prefix="after")
+    if validation_set is not None:  # for choosing settings on rows that the reported numbers do not use
+        after |= trainer.evaluate(validation_set, metric_key_prefix="validation")
     summary = {
         "method": settings.method,
         "model": settings.model,

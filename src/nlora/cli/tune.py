@@ -1,0 +1,194 @@
+"""The engine of a fair method comparison: per-method rate search on a validation slice, then seeds, then statistics.
+
+Protocol (``nlora compare --tune`` and ``bench/convergence.py``):
+
+1. Each method runs a log-spaced grid of rates on the 1-3-10 ladder, centred on its recommended rate, at the first
+   seed; a best rate at an edge extends the grid that way (at most ``extensions`` points).
+2. The two best grid points by *validation* loss (held-out rows disjoint from the reported ones) run every seed; the
+   rate with the lowest mean validation loss over the seeds is selected.
+3. The selected rate's runs are reported on the reporting rows: mean and 95% CI, the difference to a baseline method
+   with its Welch CI, Holm-corrected Welch tests, the collapse rate under a bound fixed in advance, and the steps each
+   run needs to reach the baseline's final loss.
+
+Every finished run is stored as JSON under ``store`` (settings, summary, metric curves) and reused, so an interrupted
+search resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import stats
+from ..rates import recommended_learning_rate
+from .settings import TrainSettings
+
+NEEDS = ("validation_loss", "before_loss")  # what a stored run must hold for the protocol
+
+
+def ladder(lr: float, steps: int) -> float:
+    """``lr`` moved ``steps`` half-decades along the 1-3-10 ladder (1e-3 -> +1 -> 3e-3 -> +1 -> 1e-2)."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    position = 2 * exponent + (0 if round(lr / 10**exponent) < 2 else 1) + steps
+    return float(f"{(1 if position % 2 == 0 else 3) * 10.0 ** (position // 2):.1g}")
+
+
+def centred_grid(lr: float, points: int) -> list[float]:
+    """``points`` half-decade rates around ``lr`` (one more below than above for an even count)."""
+    return [ladder(lr, k) for k in range(-(points // 2), points - points // 2)]
+
+
+@dataclasses.dataclass
+class Selection:
+    """The outcome of one method's rate search."""
+
+    method: str
+    seed0_validation: dict[float, float]  # grid rate -> validation loss of the first seed
+    candidates: dict[float, float]  # the two best grid rates -> mean validation loss over the seeds
+    lr: float | None  # the selected rate (None while runs are missing)
+    runs: list[dict]  # the selected rate's runs, one per seed that exists
+
+
+class RateSearch:
+    """Runs (or reads back) the runs of one comparison and selects each method's rate on validation loss."""
+
+    def __init__(
+        self,
+        base: TrainSettings,
+        methods: list[str],
+        seeds: list[int],
+        store: Path,
+        scratch: Path,
+        *,
+        points: int = 3,
+        extensions: int = 1,
+        grids: dict[str, list[float]] | None = None,
+        train: bool = True,
+        progress: Callable[[str], None] | None = print,
+    ) -> None:
+        self.base, self.methods, self.seeds, self.store, self.scratch = base, methods, seeds, store, scratch
+        self.points, self.extensions, self.grids, self.train = points, extensions, grids or {}, train
+        self.progress, self.durations = progress, []
+
+    def grid(self, method: str) -> list[float]:
+        """The method's base grid: given, or centred on its recommended rate for the task."""
+        if method in self.grids:
+            return sorted(self.grids[method])
+        return centred_grid(recommended_learning_rate(method, self.base.task), self.points)
+
+    def planned_runs(self) -> int:
+        """Runs the protocol needs at least (grid at the first seed, two candidates at every other seed)."""
+        per_method = len(self.grid(self.methods[0])) + min(2, self.points) * (len(self.seeds) - 1)
+        return per_method * len(self.methods)
+
+    def run(self, method: str, lr: float, seed: int, r: int | None = None) -> dict | None:
+        """The stored run with these settings; trained (and stored) first when this search trains."""
+        from .compare import run_key, run_stored
+
+        settings = dataclasses.replace(
+            self.base, method=method, learning_rate=lr, seed=seed, r=r or self.base.r, overwrite=True, resume=False
+        )
+        key = run_key(settings)
+        settings.output_dir = str(self.scratch / key)
+        path = self.store / f"{key}.json"
+        if not self.train:
+            record = json.loads(path.read_text()) if path.exists() else None
+            return record if record is not None and all(k in record["summary"] for k in NEEDS) else None
+        started = time.perf_counter()
+        fresh = not path.exists() or not all(k in json.loads(path.read_text())["summary"] for k in NEEDS)
+        record = run_stored(settings, self.store, needs=NEEDS)
+        if fresh and self.progress is not None:
+            self.durations.append(time.perf_counter() - started)
+            left = self.planned_runs() - len(list(self.store.glob("*.json")))
+            eta = f", about {max(left, 0) * statistics.mean(self.durations) / 60:.0f} min left" if left > 0 else ""
+            self.progress(
+                f"nlora: {method} lr {lr:g} seed {seed}: validation loss {record['summary']['validation_loss']:.4f} "
+                f"({self.durations[-1]:.0f} s{eta})"
+            )
+        return record
+
+    def _seed0(self, method: str) -> dict[float, float] | None:
+        """Validation loss of the first seed over the grid, extended past an edge best rate."""
+        grid, losses = self.grid(method), {}
+        for _ in range(self.extensions + 1):
+            for lr in grid:
+                if lr not in losses and (run := self.run(method, lr, self.seeds[0])) is not None:
+                    losses[lr] = run["summary"]["validation_loss"]
+            if any(lr not in losses for lr in self.grid(method)):
+                return None  # the base grid is not complete yet
+            best = min(losses, key=losses.get)
+            if best not in (grid[0], grid[-1]):
+                break
+            beyond = ladder(best, -1 if best == grid[0] else 1)
+            if beyond in losses or (not self.train and self.run(method, beyond, self.seeds[0]) is None):
+                break
+            grid = sorted([*grid, beyond])
+        return dict(sorted(losses.items()))
+
+    def select(self, method: str) -> Selection:
+        """The method's rate: the best of its two best grid points by mean validation loss over the seeds."""
+        seed0 = self._seed0(method)
+        if seed0 is None:
+            return Selection(method, {}, {}, None, [])
+        candidates, runs = {}, {}
+        for lr in sorted(seed0, key=seed0.get)[:2]:
+            found = [run for seed in self.seeds if (run := self.run(method, lr, seed)) is not None]
+            runs[lr] = found
+            if len(found) == len(self.seeds):
+                candidates[lr] = statistics.mean(r["summary"]["validation_loss"] for r in found)
+        if len(candidates) < min(2, len(seed0)):
+            return Selection(method, seed0, candidates, None, [])
+        chosen = min(candidates, key=candidates.get)
+        return Selection(method, seed0, candidates, chosen, runs[chosen])
+
+
+def final_loss(run: dict) -> float:
+    """The reported (held-out) loss at the end of a run."""
+    return run["summary"]["after_loss"]
+
+
+def eval_curve(run: dict, key: str = "eval_loss") -> dict[int, float]:
+    """Held-out loss by step, from the run's metric curve."""
+    return {m["step"]: m[key] for m in run["metrics"] if key in m}
+
+
+def steps_to(run: dict, threshold: float) -> int | None:
+    """The first evaluated step whose held-out loss is at or below ``threshold`` (None: never)."""
+    return next((s for s, v in sorted(eval_curve(run).items()) if v <= threshold), None)
+
+
+def compare_selections(selections: dict[str, Selection], baseline: str, threshold: float) -> dict[str, dict[str, Any]]:
+    """Per method: collapse count, mean ± CI over the non-collapsed seeds, the difference to ``baseline`` with its CI,
+    the Welch p-value Holm-corrected across the family of methods compared with the baseline, and steps to the
+    baseline's final loss (mean over its non-collapsed seeds)."""
+    kept = {m: [final_loss(r) for r in s.runs if not stats.collapsed(final_loss(r), threshold)]
+            for m, s in selections.items()}  # fmt: skip
+    target = statistics.mean(kept[baseline]) if kept.get(baseline) else None
+    rows, pvalues = {}, {}
+    for method, selection in selections.items():
+        losses = kept[method]
+        accuracy = [r["summary"]["after_accuracy"] for r in selection.runs
+                    if "after_accuracy" in r["summary"] and not stats.collapsed(final_loss(r), threshold)]  # fmt: skip
+        row = {
+            "lr": selection.lr,
+            "seeds": len(selection.runs),
+            "collapsed": len(selection.runs) - len(losses),
+            "loss": stats.mean_ci(losses) if losses else None,
+            "accuracy": stats.mean_ci(accuracy) if accuracy else None,
+            "difference": None,
+            "p": None,
+            "steps_to_baseline": [steps_to(r, target) for r in selection.runs] if target is not None else [],
+        }
+        if method != baseline and baseline in kept:
+            row["difference"] = stats.difference_ci(losses, kept[baseline])
+            pvalues[method] = stats.welch_p(losses, kept[baseline])
+        rows[method] = row
+    for method, p in stats.holm(pvalues).items():
+        rows[method]["p"], rows[method]["p_holm"] = pvalues[method], p
+    return rows
