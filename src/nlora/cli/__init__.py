@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())  # one line, whatever the library wrote
         print(f"nlora: error: {message}", file=sys.stderr)
         return 2
+    except OSError as err:  # the file system refused (read-only, permissions, disk full): name the path
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"nlora: error: {where}{err.strerror or err}; check that path or choose another one.", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

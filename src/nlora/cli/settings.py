@@ -264,6 +264,11 @@ class CompareSettings:
     methods: str = field(default="lora,slora,nlora,inttune", metadata={"help": f"comma list of {', '.join(METHODS)}"})
     seeds: str = field(default="0", metadata={"help": "comma list of seeds; each method runs with each"})
 
+    def validate(self) -> None:
+        """The method and seed lists parse (each named once)."""
+        self.method_list()
+        self.seed_list()
+
     def method_list(self) -> list[str]:
         methods = [m.strip() for m in self.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
@@ -317,6 +322,16 @@ class EvalSettings:
         default="auto",
         metadata={"help": "bitsandbytes base; auto: the quantisation the adapter's run trained with, else none"},
     )
+
+    def validate(self) -> None:
+        """Refuse impossible values with one sentence each, before anything is loaded or written."""
+        for name in ("limit", "batch_size", "max_new_tokens", "max_length", "num_labels", "num_fewshot"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "num_fewshot" else 1):
+                least = 0 if name == "num_fewshot" else 1
+                raise SettingsError(f"--{name.replace('_', '-')} must be at least {least}, got {value}.")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise SettingsError(f"--timeout must be a positive number of seconds, got {self.timeout}.")
 
     def base_quantization(self) -> str:
         """The quantisation to load the base with: as asked, or (auto) the one recorded in the adapter's run folder,
@@ -427,8 +442,11 @@ def parse(groups: tuple[type, ...], argv: list[str], prog: str, defaults: dict[s
             valid = [f.name for g in groups for f in dataclasses.fields(g)]
             file_tokens = _as_flags(read_config(path), valid, f"Config file {path}")
             break
-    parsed = parser.parse_args_into_dataclasses(args=file_tokens + argv)
-    return [p for p in parsed if dataclasses.is_dataclass(p)]
+    parsed = [p for p in parser.parse_args_into_dataclasses(args=file_tokens + argv) if dataclasses.is_dataclass(p)]
+    for group in parsed:  # one validation layer: each settings group checks its own fields before any work
+        if hasattr(group, "validate"):
+            group.validate()
+    return parsed
 
 
 def train_settings(

@@ -188,6 +188,15 @@ def build_trainer(settings: TrainSettings, model, tokenizer, train_set, eval_set
     )
 
 
+def check_max_length(model, max_length: int) -> None:
+    """--max-length may not exceed the positions the model has (an encoder's position table fails with a raw tensor
+    message deep inside its forward)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and max_length > positions:
+        raise RunError(f"--max-length {max_length} exceeds the {positions} positions of the model; set --max-length "
+                       f"{positions} or less.")  # fmt: skip
+
+
 def check_ranks(model, config) -> None:
     """Every method, stock LoRA and PiSSA included: the rank must fit each targeted module."""
     from ..layer import weight_shape
@@ -198,6 +207,11 @@ def check_ranks(model, config) -> None:
         wanted = config.target_modules
         wanted = ",".join(sorted(wanted)) if isinstance(wanted, (set, list, tuple)) else wanted
         raise RunError(f"--target-modules {wanted} matches no module of the model; check the module names.")
+    if isinstance(config.target_modules, (set, list, tuple)):  # PEFT keeps a list that matches in part: not us
+        for name in sorted(config.target_modules):
+            if not any(key == name or key.endswith(f".{name}") for key in targets):
+                raise RunError(f"--target-modules names '{name}', which matches no module of the model; check its "
+                               "spelling or leave it out.")  # fmt: skip
     for key, (base, r) in targets.items():
         if getattr(base, "weight", None) is None or base.weight.dim() != 2:
             continue
@@ -240,6 +254,7 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
         trainable=True, quantization="none" if qnlora else settings.quantization,
     )  # fmt: skip
     check_ranks(model, config)
+    check_max_length(model, settings.max_length)
     started = time.perf_counter()
     if not qnlora:
         try:
