@@ -39,8 +39,8 @@ DEFAULT_WRITES = {
     RUN_MARKER: ("run_config.json", "metrics.jsonl", "summary.json", "adapter", "merged", "residual-base",
                  "checkpoint-*"),
     EVAL_MARKER: ("predictions.jsonl", "score.json"),
-    COMPARE_MARKER: ("compare.md", "compare.json", "compare.png", "*-seed*", "runs", "tune.md", "tune.json",
-                     "tune.png"),
+    COMPARE_MARKER: ("compare.md", "compare.json", "compare.png", "*-seed*", "runs", "tune-runs", "tune.md",
+                     "tune.json", "tune.png"),
 }  # fmt: skip
 LEFTOVERS = ("previous", "old", "tmp")  # .NAME.<kind>-... next to a folder: an interrupted replacement
 

@@ -18,7 +18,7 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
     mean = statistics.mean(values)
     if len(values) < 2:
         return mean, math.nan
-    return mean, stats.t.ppf((1 + level) / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, float(stats.t.ppf((1 + level) / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
 
 
 def _welch_parts(a: list[float], b: list[float]) -> tuple[float, float, float]:
@@ -36,7 +36,7 @@ def difference_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[
     if len(a) < 2 or len(b) < 2:
         return None
     diff, se, df = _welch_parts(a, b)
-    half = stats.t.ppf((1 + level) / 2, df) * se if se > 0 else 0.0
+    half = float(stats.t.ppf((1 + level) / 2, df) * se) if se > 0 else 0.0
     return diff, diff - half, diff + half
 
 
@@ -67,7 +67,7 @@ def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float =
     test at ``alpha`` finds with probability ``power`` (normal approximation; optimistic for small n)."""
     from scipy import stats
 
-    return (stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * sd * math.sqrt(2 / n)
+    return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * sd * math.sqrt(2 / n))
 
 
 def collapsed(final_loss: float, threshold: float) -> bool:

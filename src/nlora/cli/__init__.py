@@ -43,6 +43,18 @@ def _compare(argv: list[str]) -> int:
     settings, (compare,) = train_settings(
         argv, prog="nlora compare", extra=(CompareSettings,), defaults={"output_dir": "runs/compare"}
     )
+    if settings.resume:
+        raise SettingsError(
+            "nlora compare resumes by itself (the runs it finished are stored in OUTPUT_DIR/runs and reused); leave "
+            "out --resume."
+        )
+    if compare.tune:
+        from .compare import run_tuned_compare
+
+        table = run_tuned_compare(settings, compare, settings.output_dir)
+        print(table.read_text())
+        print(f"plots: {table.with_suffix('.png')}")
+        return 0
     table = run_compare(settings, compare.method_list(), compare.seed_list(), settings.output_dir)
     print(table.read_text())
     print(f"curves: {table.with_suffix('.png')}")

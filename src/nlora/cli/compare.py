@@ -13,7 +13,7 @@ from typing import Any
 
 from ..files import COMPARE_MARKER, OutputFolder, write_atomic
 from ..rates import rate_spread, recommended_learning_rate
-from .settings import NYSTROM_KNOBS, TrainSettings
+from .settings import NYSTROM_KNOBS, CompareSettings, TrainSettings
 from .train import run_train
 
 
@@ -71,11 +71,12 @@ def run_compare(
 ) -> Path:
     """Train every method with every seed (same settings otherwise); write ``compare.md``, ``compare.json``, PNG.
 
-    With ``store``, runs already stored there under the same settings are reused instead of retrained.
+    Finished runs are stored (default: ``out_dir/runs``) and reused, so an interrupted comparison resumes.
     """
     folder = OutputFolder(out_dir, COMPARE_MARKER, replace_own=True, inputs=[base.data, base.model])
     folder.check()
     out = folder.path
+    store = store or out / "runs"
     shared = base.learning_rate_source == "given"  # else every method trains at its own recommended rate
     warning = shared_rate_warning(base.learning_rate, methods, base.task) if shared else None
     if warning:
@@ -104,6 +105,48 @@ def run_compare(
     finally:
         folder.release(finished)
     return out / "compare.md"
+
+
+def run_tuned_compare(base: TrainSettings, compare: CompareSettings, out_dir: str) -> Path:
+    """``nlora compare --tune``: the study's protocol (:mod:`nlora.cli.tune`) on the user's data and model; writes
+    ``tune.md``, ``tune.json`` and ``tune.png`` (validation loss against rate) and stores every run in ``runs/``."""
+    from .. import stats
+    from .tune import RateSearch, base_loss, compare_selections, plot_rate_sensitivity, tune_report
+
+    folder = OutputFolder(out_dir, COMPARE_MARKER, replace_own=True, inputs=[base.data, base.model])
+    folder.check()
+    out = folder.path
+    validation = base.validation_samples or base.max_eval_samples  # select on as many rows as are reported
+    base = dataclasses.replace(base, validation_samples=validation, eval_before=True, save_steps=0)
+    base.validate()
+    methods, seeds = compare.method_list(), compare.seed_list()
+    folder.acquire()
+    finished = False
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        folder.write_marker()
+        search = RateSearch(base, methods, seeds, out / "runs", out / "tune-runs", points=compare.grid_points,
+                            extensions=compare.grid_extensions,
+                            progress=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+        planned = f"at least {search.planned_runs()} runs of {base.max_steps} steps"
+        print(f"nlora: compare --tune: {planned}", file=sys.stderr)
+        for method in methods:  # every method's grid first: a partial search is already balanced
+            search.select_grid(method)
+        selections = {method: search.select(method) for method in methods}
+        found = base_loss(selections, search)
+        threshold = stats.collapse_threshold(base.task, base.num_labels, found)
+        rows = compare_selections(selections, compare.baseline, threshold)
+        report = tune_report(selections, rows, compare.baseline, threshold)
+        record = {"settings": base.comparable(), "baseline": compare.baseline, "collapse_threshold": threshold,
+                  "base_loss": found, "selections": {m: dataclasses.asdict(s) for m, s in selections.items()},
+                  "rows": rows}  # fmt: skip
+        write_atomic(out / "tune.json", json.dumps(record, indent=1, default=str))
+        write_atomic(out / "tune.md", report)
+        plot_rate_sensitivity(selections, out / "tune.png")
+        finished = True
+    finally:
+        folder.release(finished)
+    return out / "tune.md"
 
 
 def shared_rate_warning(learning_rate: float, methods: list[str], task: str) -> str | None:

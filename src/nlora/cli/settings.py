@@ -263,11 +263,27 @@ class CompareSettings:
 
     methods: str = field(default="lora,slora,nlora,inttune", metadata={"help": f"comma list of {', '.join(METHODS)}"})
     seeds: str = field(default="0", metadata={"help": "comma list of seeds; each method runs with each"})
+    tune: bool = field(
+        default=False,
+        metadata={"help": "the study's protocol: per method a rate grid around its recommended rate, selected on a "
+                  "validation slice over the seeds, reported with CIs against --baseline (docs/benchmarks.md §3)"},
+    )  # fmt: skip
+    baseline: str = field(default="lora", metadata={"help": "--tune: the method the others are compared with"})
+    grid_points: int = field(default=3, metadata={"help": "--tune: half-decade rates per method (1-3-10 ladder)"})
+    grid_extensions: int = field(default=1, metadata={"help": "--tune: rates added past a grid edge that wins"})
 
     def validate(self) -> None:
-        """The method and seed lists parse (each named once)."""
-        self.method_list()
+        """The method and seed lists parse (each named once); the --tune settings are possible."""
+        methods = self.method_list()
         self.seed_list()
+        if self.tune:
+            if self.baseline not in methods:
+                raise SettingsError(f"--baseline {self.baseline} is not among --methods {self.methods}; add it.")
+            if self.grid_points < 2 or self.grid_extensions < 0:
+                raise SettingsError(
+                    f"--grid-points must be at least 2 and --grid-extensions at least 0, got {self.grid_points} and "
+                    f"{self.grid_extensions}."
+                )
 
     def method_list(self) -> list[str]:
         methods = [m.strip() for m in self.methods.split(",") if m.strip()]

@@ -113,7 +113,7 @@ class RateSearch:
             )
         return record
 
-    def _seed0(self, method: str) -> dict[float, float] | None:
+    def select_grid(self, method: str) -> dict[float, float] | None:
         """Validation loss of the first seed over the grid, extended past an edge best rate."""
         grid, losses = self.grid(method), {}
         for _ in range(self.extensions + 1):
@@ -133,7 +133,7 @@ class RateSearch:
 
     def select(self, method: str) -> Selection:
         """The method's rate: the best of its two best grid points by mean validation loss over the seeds."""
-        seed0 = self._seed0(method)
+        seed0 = self.select_grid(method)
         if seed0 is None:
             return Selection(method, {}, {}, None, [])
         candidates, runs = {}, {}
@@ -192,3 +192,81 @@ def compare_selections(selections: dict[str, Selection], baseline: str, threshol
     for method, p in stats.holm(pvalues).items():
         rows[method]["p"], rows[method]["p_holm"] = pvalues[method], p
     return rows
+
+
+def base_loss(selections: dict[str, Selection], search: RateSearch) -> float | None:
+    """The base model's held-out loss: the step-0 loss of the runs whose step 0 is the base model (all but the
+    authors' init, which changes the model at step 0)."""
+    values = [r["summary"]["before_loss"] for m, s in selections.items() if m != "nlora-reference" for r in s.runs
+              if "before_loss" in r["summary"]]  # fmt: skip
+    return statistics.median(values) if values else None
+
+
+def _ci(value: tuple[float, float] | None, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    mean, half = value
+    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def _p(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def tune_report(selections: dict[str, Selection], rows: dict[str, dict], baseline: str, threshold: float) -> str:
+    """The Markdown of a tuned comparison: the selection on validation loss, then the reported comparison."""
+    grid = ["| method | validation loss by rate (first seed) | mean validation loss over seeds | selected rate |",
+            "|---|---|---|---|"]  # fmt: skip
+    for method, s in selections.items():
+        grid.append(
+            f"| {method} | {', '.join(f'{lr:g}: {v:.4f}' for lr, v in s.seed0_validation.items()) or '–'} | "
+            f"{', '.join(f'{lr:g}: {v:.4f}' for lr, v in s.candidates.items()) or '–'} | "
+            f"{'–' if s.lr is None else f'{s.lr:g}'} |"
+        )
+    head = ["| method | rate | seeds | collapsed | held-out loss (mean ± 95% CI) | accuracy | "
+            f"difference to {baseline} [95% CI] | Welch p | Holm p | step reaching {baseline}'s final loss |",
+            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for method, row in rows.items():
+        diff = row["difference"]
+        diff_text = "–" if diff is None else f"{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]"
+        steps = ", ".join("never" if s is None else str(s) for s in row["steps_to_baseline"]) or "–"
+        head.append(
+            f"| {method} | {'–' if row['lr'] is None else format(row['lr'], 'g')} | {row['seeds']} | "
+            f"{row['collapsed']} | {_ci(row['loss'])} | {_ci(row['accuracy'])} | {diff_text} | {_p(row['p'])} | "
+            f"{_p(row.get('p_holm'))} | {steps} |"
+        )
+    bound = "none" if math.isinf(threshold) else f"{threshold:.4f}"
+    return (
+        "Selection (validation rows, disjoint from the reported ones): each method's grid at the first seed, then "
+        "its two best rates over every seed.\n\n" + "\n".join(grid) + "\n\n"
+        f"Reported rows, at each method's selected rate. A run counts as collapsed when its final loss is not below "
+        f"{bound} (the rule, fixed before running: chance level for classification, the base model's loss for "
+        f"language modelling); means, CIs and tests use the other runs. Holm corrects the Welch tests across the "
+        f"methods compared with {baseline}.\n\n" + "\n".join(head) + "\n"
+    )
+
+
+def plot_rate_sensitivity(selections: dict[str, Selection], path: Path) -> None:
+    """Validation loss against learning rate per method (first seed's grid; the candidates' seed means as stars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, s in selections.items():
+        if not s.seed0_validation:
+            continue
+        line = ax.plot(list(s.seed0_validation), list(s.seed0_validation.values()), marker="o", label=method)
+        if s.candidates:
+            ax.scatter(list(s.candidates), list(s.candidates.values()), marker="*", s=120, color=line[0].get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation loss (o: first seed, *: mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
