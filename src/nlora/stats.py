@@ -18,7 +18,8 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
     mean = statistics.mean(values)
     if len(values) < 2:
         return mean, math.nan
-    return mean, float(stats.t.ppf((1 + level) / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+    quantile = stats.t.ppf((1 + level) / 2, len(values) - 1)
+    return mean, float(quantile * statistics.stdev(values) / math.sqrt(len(values)))
 
 
 def _welch_parts(a: list[float], b: list[float]) -> tuple[float, float, float]:
