@@ -1,15 +1,22 @@
 """Benchmark 3: convergence of LoRA, PiSSA, SLoRA, nlora_reference, NLoRA and IntTune under one recipe.
 
-Run:  python bench/convergence.py --tasks sentiment          (MiniLM, 300 steps of batch 16; ~2.5 min a run here)
-      python bench/convergence.py --tasks math               (SmolLM2-135M, 150 steps of batch 4; ~10 min a run)
-      python bench/convergence.py --report-only              (rebuild tables and plot from the stored runs)
-      python bench/convergence.py --tiny ...                 (a tiny model; smoke test)
+Run:  python bench/convergence.py --tasks math --methods lora,nlora   (SmolLM2-135M, 150 steps of batch 4; ~7 min a
+                                                                      run on an idle 2-core CPU)
+      python bench/convergence.py --tasks sentiment                   (MiniLM, 300 steps of batch 16; ~11 min a run)
+      python bench/convergence.py --report-only                       (every table and plot from the stored runs)
+      python bench/convergence.py --tiny ...                          (a tiny model; smoke test)
 
-Protocol: per method a 3-point log-spaced learning-rate grid at the first seed (IntTune has its own, higher range);
-the rate with the lowest final held-out loss is then run with the other seeds. An IntTune rank sweep runs at
-IntTune's best rate. Every finished run is stored as JSON under docs/bench-results/runs/<task>/ (settings, summary,
-metric curves) by ``nlora compare``'s runner and reused, so the study can be extended or rerun on a GPU without
-recomputing; the tables, Welch tests and the plot are rebuilt from the stored runs.
+Three views of the same store of runs (docs/bench-results/runs/<task>/, one JSON per run: settings, summary, metric
+curves; reused, so the study resumes and extends across sessions and machines):
+
+- shared: every method at one rate, the paper's protocol (2e-4, the authors' examples; and the grid's lowest rate);
+- tuned: each method's rate selected on a validation slice disjoint from the reported rows, over the seeds
+  (``nlora compare --tune``'s engine, nlora.cli.tune), on a 5-point half-decade grid centred on its recommended rate;
+- earlier: the first study's selection (seed 0's reported loss), read back for the record, never trained again.
+
+Every comparison gives the mean difference to LoRA with its Welch 95% CI, Welch p and Holm p (family: every method
+against LoRA), with collapsed runs (a rule fixed in advance: chance on sentiment, the base model's loss on math)
+counted apart.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ from pathlib import Path
 
 from common import DOCS, RESULTS, machine, markdown, update_section, write_results
 
-from nlora.cli.compare import run_key, run_stored
+from nlora import stats
 from nlora.cli.settings import TrainSettings
+from nlora.cli.tune import RateSearch, Selection, compare_selections, eval_curve
 
 warnings.filterwarnings("ignore")
 METHODS = ["lora", "pissa", "slora", "nlora-reference", "nlora", "inttune"]
@@ -36,10 +44,12 @@ LR_GRID = {
     "math": {"default": [1e-4, 3e-4, 1e-3], "slora": [1e-3, 3e-3, 1e-2], "nlora-reference": [1e-3, 3e-3, 1e-2],
              "inttune": [3e-3, 1e-2, 3e-2]},
 }  # fmt: skip
-RUN_ORDER = ["lora", "nlora", "pissa", "inttune", "slora", "nlora-reference"]
 BUDGET = {"sentiment": 300, "math": 150}
 SWEEP_RANKS = [4, 8, 16]
-MAX_EXTENSIONS = 2  # grid points added beyond an edge where the best rate lies
+EARLIER_EXTENSIONS = 2  # the first study extended a grid at most twice past an edge best rate
+PAPER_RATE = 2e-4  # every method at this rate in the authors' examples
+LOWEST = {"sentiment": 3e-4, "math": 1e-4}  # the first study's lowest grid rate
+GRID_POINTS = 5
 
 
 def task_settings(task: str, steps: int, tiny_model: str | None = None, tiny_data: str | None = None) -> TrainSettings:
@@ -47,147 +57,113 @@ def task_settings(task: str, steps: int, tiny_model: str | None = None, tiny_dat
     every = max(1, steps // 10)
     if tiny_model:
         return TrainSettings(model=tiny_model, data=tiny_data, max_steps=steps, r=4, max_length=192, save_steps=0,
-                             eval_steps=max(1, steps // 2), max_eval_samples=8, eval_before=False)  # fmt: skip
+                             eval_steps=max(1, steps // 2), max_eval_samples=4, validation_samples=4,
+                             eval_fraction=0.3)  # fmt: skip
     if task == "math":
         # bf16 autocast as in the paper; on this CPU (AVX512-BF16) it halves the step time
         return TrainSettings(model="smollm2-135m", data="gsm8k", max_steps=steps, r=8, max_length=160,
                              per_device_train_batch_size=4, save_steps=0, eval_steps=every, max_eval_samples=64,
-                             eval_before=False, bf16=True)  # fmt: skip
+                             validation_samples=128, bf16=True)  # fmt: skip
     return TrainSettings(model="minilm", task="classification", data="vader-movies", max_steps=steps, r=8,
                          max_length=64, per_device_train_batch_size=16, per_device_eval_batch_size=64, save_steps=0,
-                         eval_steps=every, max_eval_samples=512, eval_before=False, max_train_samples=4000)  # fmt: skip
+                         eval_steps=every, max_eval_samples=512, validation_samples=512,
+                         max_train_samples=4000)  # fmt: skip
 
 
-def half_decade(lr: float, direction: int) -> float:
-    """The next rate of the 1-3-10 ladder below (direction -1) or above (+1) ``lr``."""
-    exponent = math.floor(math.log10(lr) + 1e-9)
-    one = round(lr / 10**exponent) == 1
-    value = (3 * 10 ** (exponent - 1) if one else 10**exponent) if direction < 0 else (
-        3 * 10**exponent if one else 10 ** (exponent + 1))  # fmt: skip
-    return float(f"{value:.1g}")
+def stored_runs(task: str, base: TrainSettings) -> dict[tuple[str, float, int], dict]:
+    """Every stored run of the task's recipe at its main rank, keyed (method, rate, seed): the runs of every protocol
+    (a run with another rank, budget or Nyström variant is another recipe and is left out)."""
+    runs = {}
+    for path in sorted((RESULTS / "runs" / task).glob("*.json")):
+        record = json.loads(path.read_text())
+        s = record["settings"]
+        wanted = dataclasses.replace(base, method=s["method"], learning_rate=s["learning_rate"], seed=s["seed"])
+        if s == wanted.comparable():
+            runs[(s["method"], s["learning_rate"], s["seed"])] = record
+    return runs
 
 
-class Study:
-    """Runs (or reuses) the runs of one task and answers questions about them."""
-
-    def __init__(self, task: str, base: TrainSettings, seeds: list[int], scratch: Path, train: bool,
-                 methods: list[str] = METHODS, sweep_seeds: list[int] | None = None,
-                 extensions: int = MAX_EXTENSIONS):  # fmt: skip
-        self.task, self.base, self.seeds, self.scratch, self.train = task, base, seeds, scratch, train
-        self.methods, self.sweep_seeds, self.extensions = methods, sweep_seeds or seeds[:1], extensions
-        self.store = RESULTS / "runs" / task
-
-    def run(self, method: str, lr: float, seed: int, r: int | None = None) -> dict | None:
-        """The stored run with these settings; trained first when this study trains and ``method`` is one of its."""
-        settings = dataclasses.replace(
-            self.base, method=method, learning_rate=lr, seed=seed, r=r or self.base.r, overwrite=True
-        )
-        settings.output_dir = str(self.scratch / self.task / run_key(settings))
-        stored = self.store / f"{run_key(settings)}.json"
-        if not self.train or method not in self.methods:
-            return json.loads(stored.read_text()) if stored.exists() else None
-        return run_stored(settings, self.store)
-
-    def grid(self, method: str) -> list[float]:
-        grids = LR_GRID.get(self.task, LR_GRID["sentiment"])
-        return grids.get(method, grids["default"])
-
-    def best_lr(self, method: str) -> tuple[float | None, dict[float, float]]:
-        """The rate with the lowest final held-out loss at the first seed. A best rate at the end of the grid extends
-        the grid by one half-decade that way (at most ``self.extensions`` times): the optimum may lie beyond it."""
-        grid, losses = sorted(self.grid(method)), {}
-        for extension in range(self.extensions + 1):
-            for lr in grid:
-                if lr not in losses and (run := self.run(method, lr, self.seeds[0])) is not None:
-                    losses[lr] = run["summary"]["after_loss"]
-            if any(lr not in losses for lr in self.grid(method)):
-                return None, losses  # the base grid is not complete yet
-            best = min(losses, key=losses.get)
-            if best not in (grid[0], grid[-1]) or extension == self.extensions:
-                break
-            beyond = half_decade(best, -1 if best == grid[0] else 1)
-            if not self.train and beyond not in losses and self.run(method, beyond, self.seeds[0]) is None:
-                break  # report-only: the extension has not been run yet
-            grid = sorted([*grid, beyond])
-        return best, dict(sorted(losses.items()))
-
-    def method_runs(self, method: str, r: int | None = None) -> tuple[float | None, dict, list[dict]]:
-        lr, grid = self.best_lr(method)
-        if lr is None:
-            return None, grid, []
-        runs = [self.run(method, lr, seed, r) for seed in self.seeds]
-        return lr, grid, [run for run in runs if run is not None]
+def search(task: str, base: TrainSettings, seeds: list[int], scratch: Path, train: bool, methods: list[str],
+           protocol: str) -> RateSearch:  # fmt: skip
+    """The rate search of a protocol: ``tuned`` selects on the validation slice over the seeds (``nlora compare
+    --tune``'s engine); ``earlier`` reads the first study's selection (seed 0's reported loss), never trains."""
+    store = RESULTS / "runs" / task
+    if protocol == "earlier":
+        return RateSearch(base, methods, seeds, store, scratch, grids=LR_GRID[task], extensions=EARLIER_EXTENSIONS,
+                          train=False, metric="after_loss", top=1)  # fmt: skip
+    return RateSearch(base, methods, seeds, store, scratch, points=GRID_POINTS, extensions=1, train=train,
+                      progress=lambda line: print(line, flush=True))  # fmt: skip
 
 
-def ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval."""
-    from scipy import stats
-
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    return mean, stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+def final(runs: list[dict]) -> list[float]:
+    return [r["summary"]["after_loss"] for r in runs]
 
 
-def fmt_ci(values: list[float], digits: int = 4) -> str:
-    if not values:
-        return "–"
-    mean, half = ci95(values)
-    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+def collapse_bound(task: str, runs: dict) -> float:
+    """The collapse rule, fixed before the new runs: chance (less 1%) on sentiment, the base model's held-out loss
+    (the step-0 loss of a run whose step 0 is the base model) on math."""
+    base = [r["summary"]["before_loss"] for (m, _, _), r in runs.items()
+            if m != "nlora-reference" and "before_loss" in r["summary"]]  # fmt: skip
+    num_labels = 2 if task == "sentiment" else 1
+    kind = "classification" if task == "sentiment" else "sft"
+    return stats.collapse_threshold(kind, num_labels, statistics.median(base) if base else None)
 
 
-def welch(a: list[float], b: list[float]) -> float | None:
-    from scipy import stats
-
-    if len(a) < 2 or len(b) < 2:
-        return None
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-
-
-def eval_curve(run: dict, key: str = "eval_loss") -> dict[int, float]:
-    return {m["step"]: m[key] for m in run["metrics"] if key in m}
+def shared_rate(runs: dict, methods: list[str], lr: float, threshold: float) -> dict[str, dict]:
+    """Every method at one rate (the paper's protocol): the runs stored at ``lr``, compared with LoRA."""
+    selections = {m: Selection(m, {}, {}, lr, [r for (k, rate, _), r in sorted(runs.items()) if k == m and rate == lr])
+                  for m in methods}  # fmt: skip
+    return compare_selections(selections, "lora", threshold)
 
 
-def steps_to(run: dict, threshold: float) -> int | None:
-    """The first evaluated step whose held-out loss is at or below ``threshold``."""
-    return next((s for s, v in sorted(eval_curve(run).items()) if v <= threshold), None)
+def analyse(task: str, base: TrainSettings, seeds: list[int], scratch: Path, methods: list[str]) -> dict:
+    """Everything the report states, from the stored runs alone."""
+    runs = stored_runs(task, base)
+    threshold = collapse_bound(task, runs)
+    earlier = search(task, base, seeds, scratch, False, METHODS, "earlier")
+    earlier_sel = {m: earlier.select(m) for m in METHODS}
+    tuned = search(task, base, seeds, scratch, False, methods, "tuned")
+    tuned_sel = {m: tuned.select(m) for m in METHODS}
+    by_rate = {}
+    for (method, lr, seed), record in runs.items():
+        by_rate.setdefault(method, {}).setdefault(lr, {})[seed] = record["summary"]["after_loss"]
+    sweep = []
+    best = earlier_sel["inttune"].lr
+    for r in SWEEP_RANKS if best is not None else []:
+        found = [x for s in (seeds if r == base.r else [0]) if (x := earlier.run("inttune", best, s, r)) is not None]
+        if found:
+            sweep.append({"r": r, "lr": best, "runs": found})
+    comparable = [m for m in ("lora", "nlora") if earlier_sel[m].runs]
+    pooled = [statistics.stdev(final(earlier_sel[m].runs)) for m in comparable if len(earlier_sel[m].runs) > 1]
+    return {
+        "threshold": threshold,
+        "by_rate": {m: dict(sorted(v.items())) for m, v in sorted(by_rate.items())},
+        "shared": {f"{lr:g}": shared_rate(runs, METHODS, lr, threshold) for lr in (PAPER_RATE, LOWEST[task])},
+        "earlier": earlier_sel,
+        "earlier_rows": compare_selections(earlier_sel, "lora", threshold),
+        "tuned": tuned_sel,
+        "tuned_rows": compare_selections(tuned_sel, "lora", threshold) if tuned_sel["lora"].runs else {},
+        "tuned_progress": (sum("validation_loss" in r["summary"] for r in runs.values()), tuned.planned_runs()),
+        "sweep": sweep,
+        "detectable": stats.detectable_difference(statistics.mean(pooled), len(seeds)) if pooled else None,
+        "rows": [{"method": m, "best_lr": s.lr, "runs": s.runs} for m, s in earlier_sel.items()],  # for the plot
+    }
 
 
-def analyse(study: Study, sweep: bool) -> dict:
-    """Rows of the main table, Welch tests and the IntTune rank sweep, from whatever runs are stored."""
-    rows, by_method = {}, {}
-    for method in RUN_ORDER:  # the methods the tests compare first, so a partial study answers them soonest
-        lr, grid, runs = study.method_runs(method)
-        by_method[method] = runs
-        rows[method] = {"method": method, "lr_grid": grid, "best_lr": lr, "runs": runs}
-    rows = [rows[m] for m in METHODS]
-    lora_final = [r["summary"]["after_loss"] for r in by_method["lora"]]
-    threshold = statistics.mean(lora_final) if lora_final else None
-    for row in rows:
-        row["heldout_loss"] = [r["summary"]["after_loss"] for r in row["runs"]]
-        row["accuracy"] = [r["summary"]["after_accuracy"] for r in row["runs"] if "after_accuracy" in r["summary"]]
-        row["train_loss"] = [r["summary"]["train_loss"] for r in row["runs"]]
-        row["trainable_params"] = row["runs"][0]["summary"]["trainable_params"] if row["runs"] else None
-        row["steps_to_lora"] = [steps_to(r, threshold) for r in row["runs"]] if threshold is not None else []
-    # the issue's two comparisons first, then each other method against LoRA and NLoRA
-    pairs = [("nlora", "lora"), ("nlora", "pissa"), ("pissa", "lora")]
-    pairs += [(m, other) for m in ("slora", "nlora-reference", "inttune") for other in ("lora", "nlora")]
-    tests = {}
-    for method, other in pairs:
-        for metric in ("heldout_loss", "accuracy"):
-            if not any(row[metric] for row in rows):
-                continue  # not measured on this task (math has no accuracy)
-            a, b = (next(r for r in rows if r["method"] == m)[metric] for m in (method, other))
-            tests[f"{method} vs {other}: {metric}"] = welch(a, b)
-    sweep_rows = []
-    if sweep:
-        lr, _ = study.best_lr("inttune")
-        for r in SWEEP_RANKS if lr is not None else []:
-            seeds = study.seeds if r == study.base.r else study.sweep_seeds  # the main rank has all seeds anyway
-            runs = [run for run in (study.run("inttune", lr, seed, r) for seed in seeds) if run is not None]
-            if runs:
-                sweep_rows.append({"r": r, "lr": lr, "runs": runs})
-    return {"rows": rows, "welch": tests, "sweep": sweep_rows, "lora_final": threshold}
+def train(task: str, base: TrainSettings, seeds: list[int], scratch: Path, methods: list[str], protocols: list[str]):
+    """Train what the protocols still need (stored runs are reused): every method at the shared rates first, then
+    the tuned search's grids, then its seeds."""
+    tuned = search(task, base, seeds, scratch, True, methods, "tuned")
+    if "shared" in protocols:
+        for lr in (PAPER_RATE, LOWEST[task]):
+            for seed in seeds:
+                for method in methods:
+                    tuned.run(method, lr, seed)
+    if "tuned" in protocols:
+        for method in methods:
+            tuned.select_grid(method)
+        for method in methods:
+            tuned.select(method)
 
 
 def zoom_window(means: dict[str, dict[int, float]]) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -240,51 +216,121 @@ def plot(analyses: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def edge(row: dict) -> str:
-    """A best rate at the end of its grid is flagged: the optimum may lie outside the grid."""
-    grid = sorted(float(lr) for lr in row["lr_grid"])
-    return " (grid edge)" if row["best_lr"] is not None and row["best_lr"] in (grid[0], grid[-1]) else ""
+def _ci(values: tuple[float, float] | None, digits: int = 4) -> str:
+    if values is None:
+        return "–"
+    mean, half = values
+    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def comparison_table(rows: dict[str, dict], single_seed_note: bool = True) -> str:
+    """Per method: rate, seeds, collapsed, mean ± 95% CI, the difference to LoRA with its Welch CI, Welch p and
+    Holm p (family: every method against LoRA), and the step at which each seed reaches LoRA's final loss."""
+    body = []
+    for method, row in rows.items():
+        diff = row["difference"]
+        body.append([
+            method, "–" if row["lr"] is None else f"{row['lr']:g}", row["seeds"], row["collapsed"],
+            _ci(row["loss"]) + (" (1 seed)" if single_seed_note and row["seeds"] == 1 else ""),
+            _ci(row["accuracy"], 3),
+            "–" if diff is None else f"{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]",
+            "–" if row["p"] is None else f"{row['p']:.3g}",
+            "–" if row.get("p_holm") is None else f"{row['p_holm']:.3g}",
+            ", ".join("never" if s is None else str(s) for s in row["steps_to_baseline"]) or "–",
+        ])  # fmt: skip
+    return markdown(["method", "rate", "seeds", "collapsed", "held-out loss (mean ± 95% CI, non-collapsed)",
+                     "accuracy", "difference to LoRA [95% CI]", "Welch p", "Holm p",
+                     "step reaching LoRA's final loss (per seed)"], body)  # fmt: skip
+
+
+def rate_table(by_rate: dict[str, dict[float, dict[int, float]]], threshold: float) -> str:
+    """Final held-out loss against learning rate: seed 0, or the mean ± 95% CI where more seeds ran at that rate
+    (over the seeds that did not collapse; collapsed ones are counted)."""
+    rates = sorted({lr for values in by_rate.values() for lr in values})
+    body = []
+    for method in METHODS:
+        cells = []
+        for lr in rates:
+            seeds = by_rate.get(method, {}).get(lr, {})
+            values = list(seeds.values())
+            if not values:
+                cells.append("")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.3f}" + ("" if 0 in seeds else f" (seed {next(iter(seeds))})"))
+            else:
+                kept = [v for v in values if not stats.collapsed(v, threshold)]
+                mean, half = stats.mean_ci(kept) if kept else (math.nan, math.nan)
+                dropped = f", {len(values) - len(kept)} collapsed" if len(kept) < len(values) else ""
+                cells.append(f"{mean:.3f} ± {half:.3f} (n={len(kept)}{dropped})")
+        body.append([method, *cells])
+    return markdown(["method", *(f"{lr:g}" for lr in rates)], body)
+
+
+def plot_rates(analyses: dict[str, dict], path: Path) -> None:
+    """Final held-out loss against learning rate per method and task: seed 0 as points, means over several seeds
+    with their 95% CI as error bars; the paper's shared rate marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(analyses), figsize=(6.5 * len(analyses), 4.6), squeeze=False)
+    for ax, (task, analysis) in zip(axes[0], analyses.items()):
+        for method in METHODS:
+            values = analysis["by_rate"].get(method, {})
+            seed0 = {lr: seeds[0] for lr, seeds in values.items() if 0 in seeds}
+            line = ax.plot(list(seed0), list(seed0.values()), marker="o", label=method)
+            several = {lr: [v for v in seeds.values() if not stats.collapsed(v, analysis["threshold"])]
+                       for lr, seeds in values.items() if len(seeds) > 1}  # fmt: skip
+            for lr, losses in several.items():
+                if len(losses) < 2:
+                    continue
+                mean, half = stats.mean_ci(losses)
+                ax.errorbar([lr], [mean], yerr=[half], fmt="s", color=line[0].get_color(), capsize=3)
+        ax.axvline(PAPER_RATE, color="grey", linestyle=":", label="the paper's shared rate (2e-4)")
+        ax.set_xscale("log")
+        top = analysis["threshold"] if math.isfinite(analysis["threshold"]) else None
+        if top:
+            ax.set_ylim(top=top * 1.05)
+        ax.set_title(f"{task}: final held-out loss against learning rate")
+        ax.set_xlabel("learning rate (o: seed 0; squares: mean ± 95% CI over the seeds that did not collapse)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def report(task: str, analysis: dict, budget: int) -> str:
-    rows = analysis["rows"]
-    table = markdown(
-        ["method", "lr grid (final held-out loss, seed 0)", "best lr", "seeds", "trainable params",
-         "held-out loss per seed", "held-out loss (mean ± 95% CI)", "held-out accuracy",
-         "step reaching LoRA's final loss (per seed)"],
-        [
-            [
-                r["method"],
-                ", ".join(f"{lr:g}: {loss:.3f}" for lr, loss in r["lr_grid"].items()) or "–",
-                "–" if r["best_lr"] is None else f"{r['best_lr']:g}" + edge(r),
-                len(r["runs"]),
-                "–" if r["trainable_params"] is None else f"{r['trainable_params']:,}",
-                ", ".join(f"{loss:.3f}" for loss in r["heldout_loss"]) or "–",
-                fmt_ci(r["heldout_loss"]),
-                fmt_ci(r["accuracy"]),
-                ", ".join("never" if s is None else str(s) for s in r["steps_to_lora"]) or "–",
-            ]
-            for r in rows
-        ],
-    )  # fmt: skip
-    tests = "; ".join(
-        f"{name}: p = {p:.3g}" if p is not None else f"{name}: too few runs" for name, p in analysis["welch"].items()
+    threshold = analysis["threshold"]
+    bound = f"final loss ≥ {threshold:.4f}" if math.isfinite(threshold) else "none yet (the base loss is not stored)"
+    text = [f"**{task}** ({budget} steps; collapse rule: {bound})\n"]
+    text.append("Final held-out loss against learning rate (every stored run of the recipe; one cell per rate):\n")
+    text.append(rate_table(analysis["by_rate"], threshold))
+    for lr, rows in analysis["shared"].items():
+        text.append(f"\nEvery method at one shared rate, {lr} (the paper's protocol):\n")
+        ran = {m: row for m, row in rows.items() if row["seeds"]}
+        text.append(comparison_table(ran) if ran else "Not run yet (`--protocols shared` trains it).\n")
+    text.append("\nEach method at its own rate, selected on seed 0's reported loss (the first study's protocol; the "
+                "selected run is part of the mean):\n")  # fmt: skip
+    text.append(comparison_table(analysis["earlier_rows"]))
+    if analysis["detectable"] is not None:
+        text.append(f"\nWith 3 seeds and the LoRA/NLoRA seed spread, the smallest true difference a two-sided test at "
+                    f"0.05 finds with 80% power is about {analysis['detectable']:.4f}.\n")  # fmt: skip
+    done, planned = analysis["tuned_progress"]
+    text.append(
+        f"\nEach method at its own rate, selected on the validation slice over the seeds (`nlora compare "
+        f"--tune`'s protocol): {done} stored runs carry the validation loss, of at least {planned} needed.\n"
     )
-    text = f"**{task}** ({budget} steps):\n\n{table}\nWelch two-sided tests — {tests}.\n"
+    if analysis["tuned_rows"]:
+        text.append(comparison_table(analysis["tuned_rows"]))
     if analysis["sweep"]:
-        lora = next(r for r in rows if r["method"] == "lora")
-        sweep = markdown(
-            ["method", "r", "seeds", "trainable params", "held-out loss (mean ± 95% CI)", "held-out accuracy"],
-            [["lora", 8, len(lora["runs"]), f"{lora['trainable_params']:,}" if lora["runs"] else "–",
-              fmt_ci(lora["heldout_loss"]), fmt_ci(lora["accuracy"])]]
-            + [["inttune", s["r"], len(s["runs"]), f"{s['runs'][0]['summary']['trainable_params']:,}",
-                fmt_ci([r["summary"]["after_loss"] for r in s["runs"]]),
-                fmt_ci([r["summary"].get("after_accuracy") for r in s["runs"] if "after_accuracy" in r["summary"]])]
-               for s in analysis["sweep"]],
-        )  # fmt: skip
-        text += f"\nIntTune rank sweep (lr {analysis['sweep'][0]['lr']:g}):\n\n"
-        text += sweep
-    return text
+        lora = analysis["earlier_rows"]["lora"]
+        body = [["lora", 8, lora["seeds"], _ci(lora["loss"])]]
+        body += [["inttune", s["r"], len(s["runs"]), _ci(stats.mean_ci(final(s["runs"])))] for s in analysis["sweep"]]
+        text.append(f"\nIntTune rank sweep (lr {analysis['sweep'][0]['lr']:g}; ranks other than 8 at seed 0):\n")
+        text.append(markdown(["method", "r", "seeds", "held-out loss (mean ± 95% CI)"], body))
+    return "\n".join(text)
 
 
 def main() -> None:
@@ -295,10 +341,8 @@ def main() -> None:
     parser.add_argument("--sentiment-steps", type=int, default=BUDGET["sentiment"])
     parser.add_argument("--out", default="runs/bench-convergence", help="scratch folder of the run outputs")
     parser.add_argument("--report-only", action="store_true", help="no training: tables from the stored runs")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the IntTune rank sweep")
-    parser.add_argument("--sweep-seeds", default="0", help="seeds of the IntTune rank sweep's other ranks")
+    parser.add_argument("--protocols", default="shared,tuned", help="what to train: shared, tuned")
     parser.add_argument("--methods", default=",".join(METHODS), help="train only these; the others are read")
-    parser.add_argument("--grid-extensions", type=int, default=MAX_EXTENSIONS, help="points added beyond an edge")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--tiny-model")
     parser.add_argument("--tiny-data")
@@ -309,27 +353,27 @@ def main() -> None:
         budgets[task] = args.math_steps if task == "math" else args.sentiment_steps
         base = task_settings(task, budgets[task], args.tiny_model if args.tiny else None, args.tiny_data)
         methods = args.methods.split(",")
-        sweep_seeds = [int(s) for s in args.sweep_seeds.split(",")]
-        study = Study(task, base, seeds, Path(args.out), not args.report_only, methods, sweep_seeds,
-                      args.grid_extensions)  # fmt: skip
-        if study.train:  # the lr grids of every method first, so a partial study is already a fair comparison
-            for method in methods:
-                study.best_lr(method)
-        analyses[task] = analyse(study, sweep=not args.no_sweep)
-    slim = {t: {**a, "rows": [{k: v for k, v in r.items() if k != "runs"} for r in a["rows"]],
-                "sweep": [{"r": s["r"], "lr": s["lr"], "heldout_loss": [x["summary"]["after_loss"] for x in s["runs"]]}
-                          for s in a["sweep"]]} for t, a in analyses.items()}  # fmt: skip
+        if not args.report_only:
+            train(task, base, seeds, Path(args.out) / task, methods, args.protocols.split(","))
+        analyses[task] = analyse(task, base, seeds, Path(args.out) / task, methods)
+    slim = {t: {k: v for k, v in a.items() if k not in ("earlier", "tuned", "rows", "sweep")}
+            | {"selected": {m: s.lr for m, s in a["earlier"].items()},
+               "tuned_selected": {m: s.lr for m, s in a["tuned"].items()},
+               "sweep": [{"r": s["r"], "lr": s["lr"], "heldout_loss": final(s["runs"])} for s in a["sweep"]]}
+            for t, a in analyses.items()}  # fmt: skip
     payload = {"machine": machine(), "lr_grids": LR_GRID, "seeds": seeds, "budgets": budgets, "tasks": slim}
-    write_results("convergence" + ("_tiny" if args.tiny else ""), payload)
+    write_results("convergence" + ("_tiny" if args.tiny else ""), json.loads(json.dumps(payload, default=str)))
     if args.tiny:
         return
     plot(analyses, DOCS / "convergence.png")
+    plot_rates(analyses, DOCS / "convergence_rates.png")
     body = "\n".join(report(task, a, budgets[task]) for task, a in analyses.items())
     update_section(
         "convergence",
-        f"Command: `python bench/convergence.py --tasks {args.tasks} --seeds {args.seeds}` (stored runs in "
-        f"`docs/bench-results/runs/`) · lr grids {LR_GRID} · machine: {payload['machine']}\n\n"
-        f"{body}\n![held-out loss curves](convergence.png)",
+        f"Command: `python bench/convergence.py --report-only` (rebuilds every table and both plots from the stored "
+        f"runs in `docs/bench-results/runs/`) · machine: {payload['machine']}\n\n"
+        f"{body}\n\n![final held-out loss against learning rate](convergence_rates.png)\n\n"
+        f"![held-out loss curves at the first study's selected rates](convergence.png)",
     )
 
 

@@ -1,7 +1,6 @@
 """Each benchmark script runs on a tiny size (timings are benchmarks, never asserted here)."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -62,35 +61,30 @@ def test_scaling_tiny(tmp_path):
 def test_convergence_tiny(tmp_path):
     model = make_tiny_model(tmp_path / "model")
     data = write_jsonl(tmp_path / "arith.jsonl", arithmetic_rows(40))
-    rows = run_bench(
-        "convergence.py",
-        tmp_path,
-        "--tasks",
-        "math",
-        "--seeds",
-        "0,1",
-        "--math-steps",
-        "2",
-        "--tiny-model",
-        str(model),
-        "--tiny-data",
-        str(data),
-        "--out",
-        str(tmp_path / "scratch"),
-        "--grid-extensions",
-        "0",
-        "--sweep-seeds",
-        "0,1",
-    )["tasks"]["math"]
-    assert [r["method"] for r in rows["rows"]] == ["lora", "pissa", "slora", "nlora-reference", "nlora", "inttune"]
-    assert all(len(r["heldout_loss"]) == 2 and len(r["lr_grid"]) == 3 for r in rows["rows"])
-    pairs = [("nlora", "lora"), ("nlora", "pissa"), ("pissa", "lora")]
-    pairs += [(m, b) for m in ("slora", "nlora-reference", "inttune") for b in ("lora", "nlora")]
-    # held-out loss only: math measures no accuracy, so no test of it is reported
-    assert list(rows["welch"]) == [f"{a} vs {b}: heldout_loss" for a, b in pairs]
-    assert [s["r"] for s in rows["sweep"]] == [4, 8, 16]
-    stored = sorted(p.name for p in (tmp_path / "runs" / "math").glob("*.json"))
-    assert len(stored) == 6 * 3 + 6 + 2 * 2  # lr grids, the second seed, the rank sweep (r=4 is the base rank)
+    args = ["--tasks", "math", "--seeds", "0,1", "--math-steps", "2", "--tiny-model", str(model), "--tiny-data",
+            str(data), "--out", str(tmp_path / "scratch"), "--methods", "lora,nlora"]  # fmt: skip
+    result = run_bench("convergence.py", tmp_path, *args)["tasks"]["math"]
+    stored = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "math").glob("*.json")]
+    # shared: 2 rates x 2 seeds x 2 methods; tuned: 5 grid rates at seed 0 (+1 past a winning edge at most), the
+    # two best at seed 1 (a shared-rate run at the same settings is the same run, stored once)
+    assert all("validation_loss" in r["summary"] and "before_loss" in r["summary"] for r in stored)
+    keys = {(r["settings"]["method"], r["settings"]["learning_rate"], r["settings"]["seed"]) for r in stored}
+    for method in ("lora", "nlora"):
+        for lr in (2e-4, 1e-4):
+            assert {(method, lr, 0), (method, lr, 1)} <= keys
+        selected = result["tuned_selected"][method]
+        assert (method, selected, 0) in keys and (method, selected, 1) in keys
+        seed0 = {lr: next(r["summary"]["validation_loss"] for r in stored if r["settings"]["method"] == method and
+                          r["settings"]["learning_rate"] == lr and r["settings"]["seed"] == 0)
+                 for (m, lr, s) in keys if m == method and s == 0}  # fmt: skip
+        assert selected in sorted(seed0, key=seed0.get)[:2]  # one of seed 0's two best validation rates
+    shared = result["shared"]["0.0002"]
+    assert shared["lora"]["seeds"] == shared["nlora"]["seeds"] == 2
+    # 2 steps barely move a tiny model: runs not below the base model's loss count as collapsed, and are left out
+    assert shared["nlora"]["p_holm"] == shared["nlora"]["p"]  # one test in the family (None: too few kept)
+    assert result["tuned_progress"][0] == len(stored)
+    again = run_bench("convergence.py", tmp_path, *args, "--report-only")["tasks"]["math"]
+    assert again["tuned_selected"] == result["tuned_selected"]  # rebuilt from the store alone
 
 
 def test_quantized_tiny(tmp_path):
@@ -120,30 +114,3 @@ def test_convergence_zoom_shows_the_better_half_in_the_second_half():
     (x0, x1), (y0, y1) = convergence.zoom_window(means)
     assert x0 < 50 < 100 < x1 and 25 < x0
     assert y0 < 0.80 and 0.90 < y1 < 0.94  # pissa's step-50 point in, inttune's and the first evaluations out
-
-
-def test_convergence_grid_extends_past_an_edge_best_rate(monkeypatch):
-    sys.path.insert(0, str(ROOT / "bench"))
-    import convergence
-
-    from nlora.cli.settings import TrainSettings
-
-    def fake_run(self, method, lr, seed, r=None):  # a loss valley at 3e-5, below the math grid [1e-4, 3e-4, 1e-3]
-        return {"summary": {"after_loss": abs(math.log10(lr) - math.log10(3e-5))}}
-
-    monkeypatch.setattr(convergence.Study, "run", fake_run)
-    study = convergence.Study("math", TrainSettings(), [0], ROOT, train=True, extensions=2)
-    best, losses = study.best_lr("lora")
-    assert best == 3e-5 and sorted(losses) == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]  # the second extension brackets it
-    assert not convergence.edge({"lr_grid": losses, "best_lr": best})
-    study.extensions = 1
-    best, losses = study.best_lr("lora")
-    assert best == 3e-5 and convergence.edge({"lr_grid": losses, "best_lr": best})  # flagged in the report
-    study.extensions = 0
-    assert study.best_lr("lora")[0] == 1e-4
-    assert [convergence.half_decade(x, d) for x, d in [(3e-4, -1), (1e-4, -1), (1e-1, 1), (3e-2, 1)]] == [
-        1e-4,
-        3e-5,
-        0.3,
-        0.1,
-    ]

@@ -71,10 +71,15 @@ class RateSearch:
         grids: dict[str, list[float]] | None = None,
         train: bool = True,
         progress: Callable[[str], None] | None = print,
+        metric: str = "validation_loss",
+        top: int = 2,
     ) -> None:
+        """``metric`` is what selects (``after_loss``, the reported loss, reproduces the earlier seed-0 protocol
+        with ``top=1``: for reading old runs only); ``top`` grid rates run every seed."""
         self.base, self.methods, self.seeds, self.store, self.scratch = base, methods, seeds, store, scratch
         self.points, self.extensions, self.grids, self.train = points, extensions, grids or {}, train
-        self.progress, self.durations = progress, []
+        self.progress, self.durations, self.metric, self.top = progress, [], metric, top
+        self.needs = NEEDS if metric == "validation_loss" else ()
 
     def grid(self, method: str) -> list[float]:
         """The method's base grid: given, or centred on its recommended rate for the task."""
@@ -84,7 +89,7 @@ class RateSearch:
 
     def planned_runs(self) -> int:
         """Runs the protocol needs at least (grid at the first seed, two candidates at every other seed)."""
-        per_method = len(self.grid(self.methods[0])) + min(2, self.points) * (len(self.seeds) - 1)
+        per_method = len(self.grid(self.methods[0])) + min(self.top, self.points) * (len(self.seeds) - 1)
         return per_method * len(self.methods)
 
     def run(self, method: str, lr: float, seed: int, r: int | None = None) -> dict | None:
@@ -99,10 +104,13 @@ class RateSearch:
         path = self.store / f"{key}.json"
         if not self.train:
             record = json.loads(path.read_text()) if path.exists() else None
-            return record if record is not None and all(k in record["summary"] for k in NEEDS) else None
+            wanted = settings.comparable()
+            if record is None or record["settings"] != wanted or not all(k in record["summary"] for k in self.needs):
+                return None
+            return record
         started = time.perf_counter()
-        fresh = not path.exists() or not all(k in json.loads(path.read_text())["summary"] for k in NEEDS)
-        record = run_stored(settings, self.store, needs=NEEDS)
+        fresh = not path.exists() or not all(k in json.loads(path.read_text())["summary"] for k in self.needs)
+        record = run_stored(settings, self.store, needs=self.needs)
         if fresh and self.progress is not None:
             self.durations.append(time.perf_counter() - started)
             left = self.planned_runs() - len(list(self.store.glob("*.json")))
@@ -119,7 +127,7 @@ class RateSearch:
         for _ in range(self.extensions + 1):
             for lr in grid:
                 if lr not in losses and (run := self.run(method, lr, self.seeds[0])) is not None:
-                    losses[lr] = run["summary"]["validation_loss"]
+                    losses[lr] = run["summary"][self.metric]
             if any(lr not in losses for lr in self.grid(method)):
                 return None  # the base grid is not complete yet
             best = min(losses, key=losses.get)
@@ -137,12 +145,12 @@ class RateSearch:
         if seed0 is None:
             return Selection(method, {}, {}, None, [])
         candidates, runs = {}, {}
-        for lr in sorted(seed0, key=seed0.get)[:2]:
+        for lr in sorted(seed0, key=seed0.get)[: self.top]:
             found = [run for seed in self.seeds if (run := self.run(method, lr, seed)) is not None]
             runs[lr] = found
             if len(found) == len(self.seeds):
-                candidates[lr] = statistics.mean(r["summary"]["validation_loss"] for r in found)
-        if len(candidates) < min(2, len(seed0)):
+                candidates[lr] = statistics.mean(r["summary"][self.metric] for r in found)
+        if len(candidates) < min(self.top, len(seed0)):
             return Selection(method, seed0, candidates, None, [])
         chosen = min(candidates, key=candidates.get)
         return Selection(method, seed0, candidates, chosen, runs[chosen])
