@@ -114,3 +114,16 @@ def test_convergence_zoom_shows_the_better_half_in_the_second_half():
     (x0, x1), (y0, y1) = convergence.zoom_window(means)
     assert x0 < 50 < 100 < x1 and 25 < x0
     assert y0 < 0.80 and 0.90 < y1 < 0.94  # pissa's step-50 point in, inttune's and the first evaluations out
+
+
+def test_first_step_tiny(tmp_path):
+    model = make_tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "arith.jsonl", arithmetic_rows(40))
+    result = run_bench("first_step.py", tmp_path, "--tiny-model", str(model), "--tiny-data", str(data))
+    rows = {r["method"]: r for r in result["results"]}
+    assert set(rows) == {"lora", "pissa", "slora", "nlora-reference", "nlora", "inttune"}
+    assert rows["lora"]["ratio_to_lora"] == 1.0 and all(r["update_norm"] > 0 for r in rows.values())
+    # every method but the authors' init starts from the base model: the same first-batch loss (a smoke test on a
+    # random model; the size ordering is measured on SmolLM2 in docs/benchmarks.md §3)
+    for method in ("pissa", "slora", "nlora", "inttune"):
+        assert rows[method]["loss_before"] == pytest.approx(rows["lora"]["loss_before"], abs=2e-6)
