@@ -306,3 +306,24 @@ def test_compare_refuses_the_same_run_twice(assets, tmp_path, flags, fragment):
     rc, _, err = nlora("compare", *train_args(assets["model"], assets["sft"], tmp_path / "c"), *flags)
     one_line_error(rc, err, fragment)
     assert not (tmp_path / "c").exists()
+
+
+# --- help and refusals found by trying each command as a new user ------------------------------------------------
+def test_help_text_says_what_each_flag_does(capsys):
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no_residual, --no-residual turn off --residual" in text
+    assert "--no_eval_before, --no-eval-before turn off --eval-before" in text
+    assert "EOS token) (default: )" not in text  # the default was stated twice
+
+
+def test_prepare_takes_no_config_and_eval_refuses_an_adapter_of_the_other_task(assets, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("max_steps: 2\n")
+    rc, _, err = nlora("prepare", "--config", config)
+    one_line_error(rc, err, "nlora prepare takes no settings")
+    data = write_jsonl(tmp_path / "s.jsonl", sentiment_rows(8))
+    rc, _, err = nlora("eval", "--task", "classification", "--adapter", assets["run"] / "adapter", "--data", data,
+                       "--output-dir", tmp_path / "eval")  # fmt: skip
+    one_line_error(rc, err, "was trained for a generation task (sft) (CAUSAL_LM)", "--task classification")
+    assert not (tmp_path / "eval").exists()

@@ -72,6 +72,8 @@ def _export(argv: list[str]) -> int:
 def _prepare(argv: list[str]) -> int:
     from . import assets
 
+    if any(token == "--config" or token.startswith("--config=") for token in argv):
+        raise SettingsError("nlora prepare takes no settings, so no --config; run it as `nlora prepare`.")
     parse((), argv, "nlora prepare")
     print(f"model smollm2-135m: {assets.smollm2_path()}")
     print(f"model minilm: {assets.minilm_path()}")

@@ -63,6 +63,20 @@ def _stop(text: str, stops: tuple[str, ...]) -> str:
     return text[:cut]
 
 
+def check_adapter_task(settings: EvalSettings) -> None:
+    """A classification adapter scores classification, a causal-LM adapter generation: refuse the other pairing."""
+    from .models import adapter_config
+
+    kind = adapter_config(settings.adapter).get("task_type")
+    wanted = "SEQ_CLS" if settings.task == "classification" else "CAUSAL_LM"
+    if kind in ("SEQ_CLS", "CAUSAL_LM") and kind != wanted:
+        trained = "classification" if kind == "SEQ_CLS" else "a generation task (sft)"
+        raise ValueError(
+            f"--adapter {settings.adapter} was trained for {trained} ({kind}), but --task {settings.task} needs a "
+            f"{wanted} adapter; pass the --task it was trained for."
+        )
+
+
 def run_eval(settings: EvalSettings) -> dict[str, Any]:
     """Score ``settings.task``; write ``predictions.jsonl`` and ``score.json`` into ``settings.output_dir``."""
     from .data import check_fields, load_rows
@@ -73,6 +87,8 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     # before anything is loaded: a folder of nlora eval's own, or a new / empty one, never an input or a user's folder
     folder = OutputFolder(out, EVAL_MARKER, replace_own=True, inputs=[settings.adapter, settings.data, settings.model])
     folder.check()
+    if settings.adapter:
+        check_adapter_task(settings)
     records: list[dict[str, Any]] = []
 
     if settings.harness:

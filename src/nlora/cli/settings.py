@@ -88,7 +88,7 @@ class DataSettings:
     prompt_field: str = field(default="question", metadata={"help": "sft: the prompt column"})
     response_field: str = field(default="answer", metadata={"help": "sft: the response column"})
     prompt_template: str = field(default=ALPACA_PROMPT, metadata={"help": "sft: wraps {prompt} (the paper's Alpaca)"})
-    response_suffix: str = field(default="", metadata={"help": "sft: appended to responses (default: the EOS token)"})
+    response_suffix: str = field(default="", metadata={"help": "sft: appended to responses; empty: the EOS token"})
     text_field: str = field(default="text", metadata={"help": "classification: the text column"})
     text_pair_field: str | None = field(default=None, metadata={"help": "classification: a second text column"})
     label_field: str = field(
@@ -386,6 +386,13 @@ TRAIN_GROUPS = (ModelSettings, DataSettings, AdapterSettings, OptimSettings, Out
 
 class Parser(HfArgumentParser):
     """``HfArgumentParser`` whose errors are exceptions (printed as one line by ``nlora``), not usage dumps."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for action in self._actions:  # HfArgumentParser gives --no_X the help of --X
+            flag = next((o for o in action.option_strings if o.startswith("--no_")), None)
+            if flag is not None:
+                action.help = f"turn off --{flag.removeprefix('--no_').replace('_', '-')}"
 
     def error(self, message: str):
         message = re.sub(r"--\w+/(--[\w-]+)", r"\1", message)  # "--max_steps/--max-steps" -> "--max-steps"
