@@ -109,6 +109,8 @@ def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
     steps = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert steps == [1, 2, 3, 4, 5, 6]
+    resumed, whole = (json.loads((d / "summary.json").read_text()) for d in (cut, full))
+    assert resumed["before_loss"] == whole["before_loss"]  # the resumed run still reports where it started
     # resuming the complete run again is refused; it used to train a 7th step and replace the adapter
     before = load_file(cut / "adapter" / "adapter_model.safetensors")
     assert main(base_args(tiny, cut, "--max-steps", "6", "--save-steps", "3", "--resume")) == 2
@@ -135,6 +137,38 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny, tmp_path):
     assert not (out / "adapter").exists()  # no half-trained adapter where a finished one would go
     assert main([*args, "--max-steps", "400", "--resume"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 400
+
+
+def test_metrics_log_each_record_once_and_the_summary_names_agree(tiny, tmp_path):
+    out = tmp_path / "m"
+    assert main(base_args(tiny, out, "--max-steps", "4", "--save-steps", "0", "--eval-steps", "2")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["step"] == 4]
+    # the last step's training log, its evaluation, the end-of-training record and the final evaluation: only the
+    # training log carries throughput (they used to repeat a stale step time and a tokens/s of 0)
+    assert [("loss" in r, "tokens_per_s" in r, "step_seconds" in r) for r in last].count((True, True, True)) == 1
+    assert all("tokens_per_s" not in r and "step_seconds" not in r for r in last if "loss" not in r)
+    end = next(r for r in records if "train_runtime" in r and "loss" not in r)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "train_loss" not in end and end["train_loss_mean"] == pytest.approx(summary["train_loss_mean"])
+    assert summary["train_loss"] == next(r["loss"] for r in reversed(records) if "loss" in r)
+
+
+def test_ctrl_c_during_the_final_evaluation_still_saves_the_adapter(tiny, tmp_path, monkeypatch, capsys):
+    from transformers import Trainer
+
+    evaluate = Trainer.evaluate
+
+    def interrupted_evaluate(self, *args, **kwargs):
+        if kwargs.get("metric_key_prefix") == "after":
+            os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C once the training steps are done
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", interrupted_evaluate)
+    out = tmp_path / "late"
+    assert main(base_args(tiny, out, "--max-steps", "2", "--save-steps", "0")) == 0
+    assert "finishing the final evaluation and saving the adapter" in capsys.readouterr().err
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "summary.json").exists()
 
 
 @pytest.mark.parametrize(

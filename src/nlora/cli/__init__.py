@@ -18,10 +18,14 @@ COMMANDS = {
 
 
 def _train(argv: list[str], command: str) -> int:
+    from accelerate import PartialState
+
     from .train import print_summary, run_train
 
     settings, _ = train_settings(argv, prog=f"nlora {command}")
-    print_summary(run_train(settings), settings.output_dir)
+    summary = run_train(settings)
+    if PartialState().is_main_process:  # under torchrun every rank returns the summary: print it once
+        print_summary(summary, settings.output_dir)
     return 0
 
 
@@ -99,9 +103,22 @@ def _offline_unless_asked() -> None:
     constants.HF_HUB_OFFLINE = True
 
 
+def _quiet() -> None:
+    """Without a GPU, DeepSpeed (imported by transformers' Trainer) warns on stdout that it falls back to the CPU,
+    at every command; and PEFT calls a property transformers 5 deprecated. Neither is the user's to act on."""
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; bad input is one line on stderr (``nlora: error: ...``) and exit code 2."""
     _offline_unless_asked()
+    _quiet()
     argv = list(sys.argv[1:] if argv is None else argv) or ["train"]
     command, rest = argv[0], argv[1:]
     if command in ("-h", "--help"):

@@ -45,12 +45,15 @@ class MetricsLogger(TrainerCallback):
             return
         now, tokens = time.perf_counter(), state.num_input_tokens_seen or 0
         record = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-        if self.last_time is not None and now > self.last_time:
-            record["tokens_per_s"] = (tokens - self.last_tokens) / (now - self.last_time)
-        if self.step_seconds:
-            record["step_seconds"] = self.step_seconds[-1]
+        if "train_loss" in record:  # the Trainer's end-of-training record holds the mean over the run
+            record["train_loss_mean"] = record.pop("train_loss")
+        if "loss" in record:  # throughput belongs to training steps, not to evaluations or the end record
+            if self.last_time is not None and now > self.last_time:
+                record["tokens_per_s"] = (tokens - self.last_tokens) / (now - self.last_time)
+            if self.step_seconds:
+                record["step_seconds"] = self.step_seconds[-1]
+            self.last_time, self.last_tokens = now, tokens
         record["peak_memory_mb"] = peak_memory_mb()
-        self.last_time, self.last_tokens = now, tokens
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -60,6 +63,7 @@ class GracefulInterrupt(TrainerCallback):
 
     def __init__(self):
         self.requested = False
+        self.finishing = False  # training is done: a Ctrl-C now lets the final evaluation and save complete
         self._previous = {}
 
     def install(self) -> None:
@@ -74,7 +78,11 @@ class GracefulInterrupt(TrainerCallback):
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
-        print("\nnlora: interrupt received, saving a checkpoint after this step ...", file=sys.stderr)
+        if self.finishing:
+            print("\nnlora: interrupt received; training is done, finishing the final evaluation and saving the "
+                  "adapter (Ctrl-C again to abort) ...", file=sys.stderr)  # fmt: skip
+        else:
+            print("\nnlora: interrupt received, saving a checkpoint after this step ...", file=sys.stderr)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:

@@ -138,6 +138,16 @@ def tokenize(settings: TrainSettings, tokenizer, *row_sets: list[dict]) -> tuple
     return tuple(encode(rows, tokenizer, settings) if rows else None for rows in row_sets)
 
 
+def _checkpointing_argument() -> str:
+    """transformers 5 renamed TrainingArguments' gradient_checkpointing (the old name warns)."""
+    import inspect
+
+    from transformers import TrainingArguments
+
+    parameters = inspect.signature(TrainingArguments).parameters
+    return "activation_checkpointing" if "activation_checkpointing" in parameters else "gradient_checkpointing"
+
+
 def build_trainer(settings: TrainSettings, model, tokenizer, train_set, eval_set, callbacks):
     import torch
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments
@@ -149,6 +159,7 @@ def build_trainer(settings: TrainSettings, model, tokenizer, train_set, eval_set
     else:
         collator = DataCollatorWithPadding(tokenizer)
         compute_metrics = lambda p: classification_metrics(p.predictions, p.label_ids, settings.num_labels)  # noqa: E731
+    checkpointing = _checkpointing_argument()
     args = TrainingArguments(
         output_dir=settings.output_dir,
         learning_rate=settings.learning_rate,
@@ -168,7 +179,7 @@ def build_trainer(settings: TrainSettings, model, tokenizer, train_set, eval_set
         save_strategy="steps" if settings.save_steps else "no",
         save_steps=settings.save_steps or 500,
         bf16=settings.bf16,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        **{checkpointing: settings.gradient_checkpointing},
         report_to=[],
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
@@ -315,23 +326,41 @@ def quantized_residual_model(settings: TrainSettings, state, model, config, toke
 
 
 def _train(settings, state, model, tokenizer, train_set, eval_set, validation_set, resume_from, out: Path) -> dict:
-    from .callbacks import GracefulInterrupt, MetricsLogger, peak_memory_mb
+    from .callbacks import GracefulInterrupt, MetricsLogger
 
     resume_step = int(resume_from.rsplit("-", 1)[-1]) if resume_from else 0
     metrics = MetricsLogger(out / "metrics.jsonl", resume_step=resume_step, writer=state.is_main_process)
     interrupt = GracefulInterrupt()
     trainer = build_trainer(settings, model, tokenizer, train_set, eval_set, [metrics, interrupt])
     before = trainer.evaluate(metric_key_prefix="before") if settings.eval_before and not resume_from else {}
+    if resume_from:  # the step-0 numbers of the run being resumed are in its metrics
+        before = _logged_before(out / "metrics.jsonl")
 
     interrupt.install()
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
+        if interrupt.requested:
+            checkpoint = last_complete_checkpoint(out)
+            print(f"nlora: interrupted; checkpoint saved at {checkpoint}; continue with --resume.", file=sys.stderr)
+            raise KeyboardInterrupt
+        interrupt.finishing = True
+        return _finish(settings, trainer, metrics, model, tokenizer, validation_set, result, before, out)
     finally:
         interrupt.uninstall()
-    if interrupt.requested:
-        checkpoint = last_complete_checkpoint(out)
-        print(f"nlora: interrupted; checkpoint saved at {checkpoint}; continue with --resume.", file=sys.stderr)
-        raise KeyboardInterrupt
+
+
+def _logged_before(metrics: Path) -> dict[str, float]:
+    """The ``before_*`` evaluation a run logged at step 0 (what a resumed run reports as its start)."""
+    found = {}
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            found |= {k: v for k, v in json.loads(line).items() if k.startswith("before_")}
+    return found
+
+
+def _finish(settings, trainer, metrics, model, tokenizer, validation_set, result, before, out: Path) -> dict:
+    """The final evaluation, the summary and the saved adapter (a Ctrl-C meanwhile waits for them)."""
+    from .callbacks import peak_memory_mb
 
     after = trainer.evaluate(metric_key_prefix="after")
     if validation_set is not None:  # for choosing settings on rows that the reported numbers do not use
@@ -344,7 +373,8 @@ def _train(settings, state, model, tokenizer, train_set, eval_set, validation_se
         "learning_rate": settings.learning_rate,
         "learning_rate_source": settings.learning_rate_source,
         "steps": trainer.state.global_step,
-        "train_loss": _last_logged(trainer, "loss"),
+        "train_loss": _last_logged(trainer, "loss"),  # the last logged step's; the run's mean is train_loss_mean
+        "train_loss_mean": result.training_loss,
         "step_seconds_median": statistics.median(metrics.step_seconds) if metrics.step_seconds else math.nan,
         "peak_memory_mb": peak_memory_mb(),
         "train_runtime": result.metrics.get("train_runtime"),
