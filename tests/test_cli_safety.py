@@ -327,3 +327,37 @@ def test_prepare_takes_no_config_and_eval_refuses_an_adapter_of_the_other_task(a
                        "--output-dir", tmp_path / "eval")  # fmt: skip
     one_line_error(rc, err, "was trained for a generation task (sft) (CAUSAL_LM)", "--task classification")
     assert not (tmp_path / "eval").exists()
+
+
+def test_folders_nlora_writes_are_readable_like_the_run_folder(assets, tmp_path):
+    """mkdtemp made adapter/, merged/ and every export 0700: a serving user in the same group could not read them."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    run = tmp_path / "run"
+    rc, _, err = nlora("train", *train_args(assets["model"], assets["sft"], run, "--merge"))
+    assert rc == 0, err[-2000:]
+    rc, _, err = nlora("export", "--adapter", run / "adapter", "--out", tmp_path / "export")
+    assert rc == 0, err[-2000:]
+    for folder in (run, run / "adapter", run / "merged", tmp_path / "export"):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask, folder
+
+
+def test_a_replaced_run_kept_aside_goes_once_the_resumed_run_completes(assets, tmp_path):
+    """--overwrite, Ctrl-C, then --resume: the previous run kept in .NAME.previous-PID is removed (and said so) when
+    the resumed run completes; until then it stays."""
+    import shutil
+
+    run = tmp_path / "run"
+    args = train_args(assets["model"], assets["sft"], run, "--max-steps", "4", "--save-steps", "2")
+    rc, _, err = nlora("train", *args)
+    assert rc == 0, err[-2000:]
+    kept = tmp_path / ".run.previous-99999"  # what an interrupted --overwrite of an earlier run leaves
+    shutil.copytree(run, kept)
+    for name in ("checkpoint-4", "adapter", "summary.json"):  # this run was interrupted after step 2
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    rc, _, err = nlora("train", *args, "--resume")
+    assert rc == 0, err[-2000:]
+    assert not kept.exists() and f"removed {kept}" in err
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
