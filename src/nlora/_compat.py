@@ -23,9 +23,9 @@ if not PEFT_MIN <= Version(peft.__version__) < PEFT_MAX:
 from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING  # noqa: E402
 from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING  # noqa: E402
 from peft.tuners.lora import LoraLayer, LoraModel  # noqa: E402
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, LoraVariant  # noqa: E402
 from peft.tuners.lora.layer import Embedding as LoraEmbedding  # noqa: E402
 from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
-from peft.tuners.lora.layer import LoraVariant  # noqa: E402
 from peft.tuners.tuners_utils import (  # noqa: E402
     BaseTunerLayer,
     _ExcludedModule,
@@ -48,6 +48,7 @@ __all__ = [
     "LoraLinear",
     "LoraModel",
     "LoraVariant",
+    "VARIANT_KWARG_KEYS",
     "check_target_module_exists",
     "get_bnb_param_type",
     "freeze_peft_weight",

@@ -23,7 +23,12 @@ from ._compat import (
     get_bnb_param_type,
 )
 from .config import NLoraConfig
-from .variants import SLoraEmbeddingVariant, SLoraLinearVariant, embedding_mixed_batch_forward
+from .variants import (
+    SLoraEmbeddingVariant,
+    SLoraLinearVariant,
+    embedding_mixed_batch_forward,
+    linear_mixed_batch_forward,
+)
 
 # bitsandbytes 4/8-bit weights count as bf16-precise for the fingerprint tolerance: their rounding moves ||W|| by
 # about 0.5%, well inside bf16's 2 * 2^-7, while a residual or another checkpoint moves it by more.
@@ -191,6 +196,7 @@ def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str,
         module._mixed_batch_forward = types.MethodType(embedding_mixed_batch_forward, module)
     else:
         module.lora_variant[adapter] = SLoraLinearVariant()
+        module._mixed_batch_forward = types.MethodType(linear_mixed_batch_forward, module)
 
     _register_records(module)
     if module.get_base_layer().weight.device.type == "meta":
@@ -215,6 +221,25 @@ def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str,
         _subtract_residual(module, adapter, factors)
     if config.train_intermediate_only:
         _freeze_factors(module, adapter)
+        if holder is not None:
+            _share_frozen_factors(module, adapter, holder)
+
+
+def _share_frozen_factors(module: LoraLayer, adapter: str, holder: str) -> None:
+    """IntTune adapters on one residual have the same frozen A and B (the fingerprints prove it): hold them once, so
+    each further task adds only its r x r N. Shared only when the holder's factors are frozen and equal bit for bit."""
+    pairs = [(adapter_param(module, c, adapter), adapter_param(module, c, holder)) for c in factor_names(module)]
+    for mine, theirs in pairs:
+        if theirs.requires_grad or "meta" in (mine.device.type, theirs.device.type):
+            return
+        if mine.shape != theirs.shape or mine.dtype != theirs.dtype or not torch.equal(mine, theirs):
+            return
+    for container, (_, theirs) in zip(factor_names(module), pairs):
+        holder_dict = getattr(module, container)
+        if isinstance(holder_dict[adapter], nn.Module):
+            holder_dict[adapter]._parameters["weight"] = theirs
+        else:
+            holder_dict[adapter] = theirs
 
 
 # Per-adapter records that PEFT's own delete_adapter drops with the adapter (it walks ``other_param_names``).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._compat import LoraEmbedding, LoraLinear, LoraVariant, transpose
+from ._compat import VARIANT_KWARG_KEYS, LoraEmbedding, LoraLinear, LoraVariant, transpose
 
 
 class SLoraLinearVariant(LoraVariant):
@@ -87,4 +87,53 @@ def embedding_mixed_batch_forward(self: LoraEmbedding, x: torch.Tensor, *args, a
             continue
         rows = [i for i, name in enumerate(adapter_names) if name == adapter]
         result[rows] = self.lora_variant[adapter].forward(self, adapter, x[rows], result[rows])
+    return result
+
+
+def _shared_factor_group(module: LoraLinear, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """A, B and the scaling when every adapter in ``names`` is an N-only adapter on the same A and B objects (IntTune
+    adapters that share a layer's frozen factors) with one scaling and no active dropout; else None."""
+    if not names or any(n not in module.lora_A or n not in getattr(module, "lora_N", {}) for n in names):
+        return None
+    A, B = module.lora_A[names[0]].weight, module.lora_B[names[0]].weight
+    if any(module.lora_A[n].weight is not A or module.lora_B[n].weight is not B for n in names):
+        return None
+    if len({module.scaling[n] for n in names}) != 1:
+        return None
+    if module.training and any(not isinstance(module.lora_dropout[n], torch.nn.Identity) for n in names):
+        return None
+    return A, B, module.scaling[names[0]]
+
+
+def linear_mixed_batch_forward(self: LoraLinear, x: torch.Tensor, *args, adapter_names: list[str], **kwargs):
+    """PEFT's mixed batch (``adapter_names=[...]``) with what PEFT cannot know about NLoRA layers:
+
+    - IntTune adapters sharing the layer's A and B: ``x A^T`` and ``(.) B^T`` are computed once for the whole batch,
+      and each row's own N is applied in one batched product (PEFT loops over the adapters);
+    - rows named ``"__base__"`` on a residual layer get the original weight back (``W - s B0 N0 A0 + s B0 N0 A0``),
+      as a disabled adapter does.
+    """
+    names = sorted(set(adapter_names) - {"__base__"})
+    group = _shared_factor_group(self, names)
+    if group is None:
+        result = type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+    else:
+        A, B, scaling = group
+        result = self.base_layer(x, *args, **{k: v for k, v in kwargs.items() if k not in VARIANT_KWARG_KEYS})
+        index = {name: i for i, name in enumerate(names)}
+        rows = [i for i, name in enumerate(adapter_names) if name != "__base__"]
+        if rows:
+            stacked = torch.stack([self.lora_N[n].weight for n in names])  # k x r x r
+            which = torch.tensor([index[adapter_names[i]] for i in rows], device=x.device)
+            after_A = x[rows].to(A.dtype) @ A.T  # m x ... x r, once for every task
+            N = stacked[which].transpose(1, 2)  # m x r x r (row i applies its own N^T)
+            flat = after_A.reshape(len(rows), -1, after_A.shape[-1])
+            after_N = torch.bmm(flat, N).reshape(after_A.shape)
+            result[rows] = result[rows] + ((after_N @ B.T) * scaling).to(result.dtype)
+    base_rows = [i for i, name in enumerate(adapter_names) if name == "__base__"]
+    holder = next(iter(getattr(self, "nlora_initial", {})), None)
+    if base_rows and holder is not None:
+        factors, scale = self.nlora_initial[holder]
+        delta = x[base_rows].to(factors.A.dtype) @ (factors.B @ factors.N @ factors.A).to(x.device).T
+        result[base_rows] = result[base_rows] + (scale * delta).to(result.dtype)
     return result
