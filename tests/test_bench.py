@@ -127,3 +127,14 @@ def test_first_step_tiny(tmp_path):
     # random model; the size ordering is measured on SmolLM2 in docs/benchmarks.md §3)
     for method in ("pissa", "slora", "nlora", "inttune"):
         assert rows[method]["loss_before"] == pytest.approx(rows["lora"]["loss_before"], abs=2e-6)
+
+
+def test_many_tasks_tiny(tmp_path):
+    rows = run_bench("many_tasks.py", tmp_path, "--repeats", "1")["rows"]
+    assert [(r["kind"], r["tasks"]) for r in rows] == [(k, t) for t in (1, 4) for k in ("inttune", "lora")]
+    for row in rows:
+        if row["tasks"] > 1 and row["kind"] == "inttune":  # a task adds only its N: r^2 numbers per layer
+            assert row["numbers_per_added_task"] == 8 * 8 * row["layers"]
+        if row["tasks"] > 1 and row["kind"] == "lora":  # a LoRA task adds r (in + out) per layer
+            assert row["numbers_per_added_task"] > 8 * row["numbers_per_task_vs_2r2L"]
+        assert row["forward_s"] > 0 and row["generate_tokens_per_s"] > 0
