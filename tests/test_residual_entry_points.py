@@ -76,6 +76,29 @@ def test_disabled_adapters_give_the_original_base_model(model_name, mode):
         torch.testing.assert_close(output(pm, x), output(base, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("model_name", ["llama", "tied_llama", "gpt2", "embedding", "mlp"])
+@pytest.mark.parametrize("mode", sorted(RESIDUAL))
+def test_base_model_state_dict_is_the_model_the_user_started_from(model_name, mode):
+    """PEFT's get_base_model_state_dict / set_base_model_state_dict: the residual is nlora's business."""
+    from peft import get_base_model_state_dict, set_base_model_state_dict
+
+    base, x, pm = _residual_model(model_name, mode)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    train(pm, x)
+    extracted = get_base_model_state_dict(pm)
+    assert extracted.keys() == original.keys()
+    for key, value in original.items():
+        torch.testing.assert_close(extracted[key], value, atol=1e-6, rtol=1e-6, msg=key)
+    trained = output(pm, x).detach()
+    with torch.no_grad():
+        for name, param in pm.get_base_model().named_parameters():
+            if param.is_floating_point() and "lora_" not in name:  # the base weights only
+                param.add_(0.1)
+    result = set_base_model_state_dict(pm, original, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(output(pm, x), trained, atol=1e-5, rtol=1e-5)  # the residual base is back
+
+
 def test_delete_adapter_leaves_no_per_adapter_record():
     base, x, pm = _residual_model("llama", "inttune", save_frozen_factors=False)
     pm.add_adapter("second", pm.peft_config["default"])

@@ -4,12 +4,13 @@
 of PEFT work with :class:`NLoraConfig`.
 """
 
-from ._compat import check_transformers_adapter_loads, register_peft_type
+from ._compat import check_transformers_adapter_loads, original_base_state_dicts, register_peft_type
 from .config import NLoraConfig, NLoraPeftType
 from .model import NLoraModel
 
 register_peft_type(NLoraPeftType.NLORA, NLoraConfig, NLoraModel, prefix="lora_")
 check_transformers_adapter_loads()
+original_base_state_dicts()
 
 from .distributed import broadcast_init_state  # noqa: E402
 from .export import convert_reference_checkpoint, export_lora  # noqa: E402

@@ -37,6 +37,7 @@ from peft.utils.other import transpose  # noqa: E402
 
 __all__ = [
     "check_transformers_adapter_loads",
+    "original_base_state_dicts",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
     "PEFT_TYPE_TO_PREFIX_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",
@@ -133,3 +134,54 @@ def check_transformers_adapter_loads() -> None:
 
     load_adapter._nlora_checked = True
     PeftAdapterMixin.load_adapter = load_adapter
+
+
+def original_base_state_dicts() -> None:
+    """Make PEFT's ``get_base_model_state_dict`` return the model the user started from, and
+    ``set_base_model_state_dict`` take one: a residual layer's base holds ``W - s B0 N0 A0``, which is nlora's
+    business (as ``disable_adapter()`` already gives the original model), not the user's."""
+    import functools
+
+    import peft
+    import peft.utils
+    from peft.utils import save_and_load
+
+    original_get, original_set = save_and_load.get_base_model_state_dict, save_and_load.set_base_model_state_dict
+    if getattr(original_get, "_nlora_original_base", False):
+        return
+
+    def residual_layers(model):
+        from .layer import residual_holder
+
+        for path, module in model.base_model.model.named_modules():
+            if isinstance(module, LoraLayer) and residual_holder(module) is not None:
+                key = save_and_load._peft_key_to_original_key(model, f"{path}.base_layer.weight")
+                yield key, module
+
+    @functools.wraps(original_get)
+    def get_base_model_state_dict(model):
+        from .layer import original_base_weight
+
+        state = original_get(model)
+        if not model._is_prompt_learning:
+            for key, module in residual_layers(model):
+                weight = original_base_weight(module)
+                if key in state and weight is not None:
+                    state[key] = weight
+        return state
+
+    @functools.wraps(original_set)
+    def set_base_model_state_dict(model, state_dict, strict=True, *args, **kwargs):
+        from .layer import quantized, residual_base_weight
+
+        state = dict(state_dict)
+        if not model._is_prompt_learning:
+            for key, module in residual_layers(model):
+                if key in state and not quantized(module.get_base_layer()):
+                    state[key] = residual_base_weight(module, state[key])
+        return original_set(model, state, strict, *args, **kwargs)
+
+    get_base_model_state_dict._nlora_original_base = True
+    for namespace in (save_and_load, peft.utils, peft):
+        namespace.get_base_model_state_dict = get_base_model_state_dict
+        namespace.set_base_model_state_dict = set_base_model_state_dict

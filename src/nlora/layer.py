@@ -375,3 +375,33 @@ def restore_base(module: LoraLayer, adapter: str) -> None:
             _requantize(base, w32)
         elif w32.data_ptr() != w.data_ptr():
             w.copy_(w32)
+
+
+def _stored_layout(base_layer: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """An ``out x in`` matrix in the layout ``base_layer.weight`` is stored in (inverse of :func:`weight_matrix`)."""
+    transposed = isinstance(base_layer, nn.Embedding) or type(base_layer).__name__ == "Conv1D"
+    return matrix.T if transposed else matrix
+
+
+def original_base_weight(module: LoraLayer, residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The base weight the user started from, ``W_res + s B0 N0 A0``, in the stored layout and dtype, for a layer
+    whose base is residual (None otherwise, and for quantised bases, whose state holds packed codes). ``residual``:
+    another residual weight (stored layout) to add the initial delta to, instead of the layer's own."""
+    holder = residual_holder(module)
+    base = module.get_base_layer()
+    if holder is None or quantized(base):
+        return None
+    factors, scaling = module.nlora_initial[holder]
+    w = weight_matrix(base) if residual is None else _stored_layout(base, residual)
+    delta = factors.B.float() @ (factors.N.float() @ factors.A.float())
+    return _stored_layout(base, w.float() + scaling * delta.to(w.device)).to(base.weight.dtype)
+
+
+def residual_base_weight(module: LoraLayer, original: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`original_base_weight`: what this layer's base holds for the original ``original``."""
+    holder = residual_holder(module)
+    base = module.get_base_layer()
+    factors, scaling = module.nlora_initial[holder]
+    w = _stored_layout(base, original).float()
+    delta = factors.B.float() @ (factors.N.float() @ factors.A.float())
+    return _stored_layout(base, w - scaling * delta.to(w.device)).to(original.dtype)
