@@ -361,3 +361,12 @@ def test_a_replaced_run_kept_aside_goes_once_the_resumed_run_completes(assets, t
     assert rc == 0, err[-2000:]
     assert not kept.exists() and f"removed {kept}" in err
     assert (run / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_export_to_the_current_folder_and_compare_resume_are_one_line(assets, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = nlora("export", "--adapter", assets["run"] / "adapter", "--out", ".")
+    one_line_error(rc, err, ". names no folder of its own")  # was "PosixPath('.') has an empty name"
+    rc, _, err = nlora("compare", *train_args(assets["model"], assets["sft"], tmp_path / "c"), "--resume")
+    one_line_error(rc, err, "nlora compare resumes by itself")  # was silently ignored
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
