@@ -123,13 +123,18 @@ def linear_mixed_batch_forward(self: LoraLinear, x: torch.Tensor, *args, adapter
         index = {name: i for i, name in enumerate(names)}
         rows = [i for i, name in enumerate(adapter_names) if name != "__base__"]
         if rows:
+            every = len(rows) == len(adapter_names)  # no "__base__" row: no gather and scatter copies
+            part = x if every else x[rows]
             stacked = torch.stack([self.lora_N[n].weight for n in names])  # k x r x r
             which = torch.tensor([index[adapter_names[i]] for i in rows], device=x.device)
-            after_A = x[rows].to(A.dtype) @ A.T  # m x ... x r, once for every task
+            after_A = part.to(A.dtype) @ A.T  # m x ... x r, once for every task
             N = stacked[which].transpose(1, 2)  # m x r x r (row i applies its own N^T)
-            flat = after_A.reshape(len(rows), -1, after_A.shape[-1])
-            after_N = torch.bmm(flat, N).reshape(after_A.shape)
-            result[rows] = result[rows] + ((after_N @ B.T) * scaling).to(result.dtype)
+            after_N = torch.bmm(after_A.reshape(len(rows), -1, after_A.shape[-1]), N).reshape(after_A.shape)
+            delta = ((after_N @ B.T) * scaling).to(result.dtype)
+            if every:
+                result += delta
+            else:
+                result[rows] += delta
     base_rows = [i for i, name in enumerate(adapter_names) if name == "__base__"]
     holder = next(iter(getattr(self, "nlora_initial", {})), None)
     if base_rows and holder is not None:
