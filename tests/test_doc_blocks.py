@@ -50,6 +50,13 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def namespaces():
+    """One Python namespace per page: a later block uses what an earlier one defined, as a reader's session does."""
+    made = {}
+    return lambda page: made.setdefault(page, {"__name__": "__doc_block__"})
+
+
+@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("doc-blocks")
     return {"model": str(make_tiny_model(root / "model", hidden=64)),
@@ -73,12 +80,12 @@ def test_every_block_is_tested_or_says_why():
 
 
 @pytest.mark.parametrize("page,language,code,reason", BLOCKS, ids=IDS)
-def test_block_runs(page, language, code, reason, tiny, folders, monkeypatch):
+def test_block_runs(page, language, code, reason, tiny, folders, namespaces, monkeypatch):
     if reason is not None:
         pytest.skip(reason)
     monkeypatch.chdir(folders(page))
     if language == "python":
-        exec(compile(code, page, "exec"), {"__name__": "__doc_block__"})
+        exec(compile(code, page, "exec"), namespaces(page))
         return
     from nlora.cli import main
 
