@@ -300,6 +300,15 @@ def test_target_modules_with_spaces_mean_the_same_modules(assets, tmp_path):
     assert trained["spaced"] == trained["plain"] > 0
 
 
+def test_all_linear_means_what_it_means_in_peft(assets, tmp_path):
+    trained = {}
+    for name, extra in (("default", ()), ("keyword", ("--target-modules", "all-linear"))):
+        rc, _, err = nlora("train", *train_args(assets["model"], assets["sft"], tmp_path / name, *extra))
+        assert rc == 0, err[-2000:]  # it was refused as "matches no module"
+        trained[name] = json.loads((tmp_path / name / "summary.json").read_text())["trainable_params"]
+    assert trained["keyword"] == trained["default"] > 0
+
+
 @pytest.mark.parametrize("flags,fragment", [(["--methods", "lora,lora"], "--methods names a method twice"),
                                             (["--seeds", "0,0"], "--seeds names a seed twice")])  # fmt: skip
 def test_compare_refuses_the_same_run_twice(assets, tmp_path, flags, fragment):

@@ -11,7 +11,8 @@ from .settings import TrainSettings
 def peft_config(settings: TrainSettings) -> LoraConfig:
     """The adapter config of ``settings.method`` with the shared rank, alpha, dropout and targets."""
     task_type = TaskType.CAUSAL_LM if settings.task == "sft" else TaskType.SEQ_CLS
-    targets = settings.target_modules.split(",") if settings.target_modules else "all-linear"
+    named = settings.target_modules not in (None, "all-linear")  # PEFT's keyword, also when given by name
+    targets = settings.target_modules.split(",") if named else "all-linear"
     shared = {
         "r": settings.r,
         "lora_alpha": settings.lora_alpha if settings.lora_alpha is not None else settings.r,
