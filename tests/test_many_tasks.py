@@ -107,3 +107,26 @@ def test_n_only_checkpoints_load_into_the_shared_factors_and_a_wrong_base_is_ref
     other = llama()  # the same architecture, other weights: its Nyström factors differ
     with pytest.raises(ValueError, match="fingerprint|different base|weights"):
         PeftModel.from_pretrained(other, tmp_path / "saved" / "task1")
+
+
+@pytest.mark.parametrize("model_name", ["embedding", "gpt2", "tied_llama"])
+def test_base_rows_of_a_mixed_batch_are_the_original_model_on_every_layer_kind(model_name):
+    """Embeddings, GPT-2's Conv1D and tied embeddings: a '__base__' row never sees the residual W - s B0 N0 A0."""
+    from conftest import make_config
+    from models import build, output
+
+    base, x = build(model_name)
+    model = get_peft_model(copy.deepcopy(base), make_config(model_name, "nlora")).eval()
+    for module in model.modules():  # as if trained: the adapter is no longer the identity
+        for N in getattr(module, "lora_N", {}).values():
+            N.weight.data.mul_(1.5)
+    rows = x.shape[0]
+    names = ["__base__" if i % 2 else "default" for i in range(rows)]
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+        mixed = mixed.logits if hasattr(mixed, "logits") else mixed
+        expected_base = output(base, x)
+        adapted = output(model, x)
+    for i, name in enumerate(names):
+        want = expected_base if name == "__base__" else adapted
+        torch.testing.assert_close(mixed[i], want[i], atol=1e-5, rtol=1e-5)

@@ -80,13 +80,30 @@ class SLoraEmbeddingVariant(SLoraLinearVariant):
 
 
 def embedding_mixed_batch_forward(self: LoraEmbedding, x: torch.Tensor, *args, adapter_names: list[str], **kwargs):
-    """Mixed-batch forward for embeddings that honours N (PEFT's own version ignores variants)."""
+    """Mixed-batch forward for embeddings that honours N (PEFT's own version ignores variants), and gives
+    ``"__base__"`` rows of a residual layer the original weight back."""
     result = self.base_layer(x, *args, **kwargs)
     for adapter in set(adapter_names):
         if adapter == "__base__" or adapter not in self.lora_embedding_A:
             continue
         rows = [i for i, name in enumerate(adapter_names) if name == adapter]
         result[rows] = self.lora_variant[adapter].forward(self, adapter, x[rows], result[rows])
+    return _add_back_residual_for_base_rows(self, x, result, adapter_names)
+
+
+def _add_back_residual_for_base_rows(module, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]):
+    """``"__base__"`` rows of a residual layer: ``W - s B0 N0 A0`` plus ``s B0 N0 A0``, the original weight."""
+    rows = [i for i, name in enumerate(adapter_names) if name == "__base__"]
+    holder = next(iter(getattr(module, "nlora_initial", {})), None)
+    if not rows or holder is None:
+        return result
+    factors, scale = module.nlora_initial[holder]
+    A, N, B = (t.to(result.device) for t in (factors.A, factors.N, factors.B))
+    if isinstance(module, LoraEmbedding):  # the factors describe W^T: rows of (B N A)^T picked by the token ids
+        delta = torch.nn.functional.embedding(x[rows], A.T) @ (B @ N).T
+    else:
+        delta = x[rows].to(A.dtype) @ (B @ N @ A).T
+    result[rows] = result[rows] + (scale * delta).to(result.dtype)
     return result
 
 
@@ -135,10 +152,4 @@ def linear_mixed_batch_forward(self: LoraLinear, x: torch.Tensor, *args, adapter
                 result += delta
             else:
                 result[rows] += delta
-    base_rows = [i for i, name in enumerate(adapter_names) if name == "__base__"]
-    holder = next(iter(getattr(self, "nlora_initial", {})), None)
-    if base_rows and holder is not None:
-        factors, scale = self.nlora_initial[holder]
-        delta = x[base_rows].to(factors.A.dtype) @ (factors.B @ factors.N @ factors.A).to(x.device).T
-        result[base_rows] = result[base_rows] + (scale * delta).to(result.dtype)
-    return result
+    return _add_back_residual_for_base_rows(self, x, result, adapter_names)
