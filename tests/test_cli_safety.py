@@ -366,9 +366,11 @@ def test_a_replaced_run_kept_aside_goes_once_the_resumed_run_completes(assets, t
     shutil.copytree(run, kept)
     for name in ("checkpoint-4", "adapter", "summary.json"):  # this run was interrupted after step 2
         shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    (run / "notes.txt").write_text("mine\n")  # resuming replaces nothing, so a file of the user's does not stop it
     rc, _, err = nlora("train", *args, "--resume")
     assert rc == 0, err[-2000:]
     assert not kept.exists() and f"removed {kept}" in err
+    assert (run / "notes.txt").read_text() == "mine\n"
     assert (run / "adapter" / "adapter_model.safetensors").exists()
 
 

@@ -146,6 +146,8 @@ class OutputFolder:
             raise FileExistsError(
                 f"{self.given} is an nlora {KINDS[found['marker']]} folder, not a {what} folder; choose another folder."
             )
+        if resume:  # continuing a run replaces nothing: files the user added to it stay as they are
+            return True
         foreign = foreign_entries(path, found["writes"])
         if foreign:
             raise FileExistsError(
