@@ -1,8 +1,8 @@
 """File helpers: output folders that never lose user files, atomic directory writes, safetensors-only reads.
 
-One rule for every folder nlora writes (a training run, an export): a folder that holds files nlora did not write
-(recognised by the absence of its marker file) is never replaced unless the user explicitly asks, and what replaces
-an old folder is complete before the old one goes.
+One mechanism for every folder nlora writes (:class:`OutputFolder`: a run, an evaluation, a comparison, an export):
+nothing nlora did not write is ever replaced, one writer at a time, and what replaces an old folder is complete
+before the old one goes.
 """
 
 from __future__ import annotations
@@ -233,19 +233,12 @@ class OutputFolder:
             self.release(finished)
 
 
-def check_destination(
-    path: str | os.PathLike, marker: str, what: str, overwrite: bool, inputs: Iterable[str | os.PathLike | None] = ()
-) -> bool:
-    """:meth:`OutputFolder.check` for library callers that write with :func:`atomic_directory` themselves."""
-    return OutputFolder(path, marker, overwrite=overwrite, inputs=inputs, what=what).check()
-
-
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, marker: str | None = None) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to ``target`` and move it into place only if the block succeeds.
 
     A failure leaves any previous ``target`` untouched and removes the partial files. Callers check with
-    :class:`OutputFolder` first whether ``target`` may be replaced; ``marker`` is written into the new folder.
+    :class:`OutputFolder` first whether ``target`` may be replaced (:meth:`OutputFolder.replacing` does both).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -253,8 +246,6 @@ def atomic_directory(target: str | os.PathLike, marker: str | None = None) -> It
     os.chmod(tmp, _mode())  # readable like any folder the user makes, not mkdtemp's 0700
     try:
         yield tmp
-        if marker and not (tmp / marker).exists():
-            OutputFolder(target, marker).write_marker(tmp, sorted(p.name for p in tmp.iterdir()))
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
