@@ -80,6 +80,7 @@ class RateSearch:
         self.points, self.extensions, self.grids, self.train = points, extensions, grids or {}, train
         self.progress, self.durations, self.metric, self.top = progress, [], metric, top
         self.needs = NEEDS if metric == "validation_loss" else ()
+        self.done: set[str] = set()  # the runs of this search finished so far (trained or read back)
 
     def grid(self, method: str) -> list[float]:
         """The method's base grid: given, or centred on its recommended rate for the task."""
@@ -111,9 +112,10 @@ class RateSearch:
         started = time.perf_counter()
         fresh = not path.exists() or not all(k in json.loads(path.read_text())["summary"] for k in self.needs)
         record = run_stored(settings, self.store, needs=self.needs)
+        self.done.add(key)
         if fresh and self.progress is not None:
             self.durations.append(time.perf_counter() - started)
-            left = self.planned_runs() - len(list(self.store.glob("*.json")))
+            left = self.planned_runs() - len(self.done)
             eta = f", about {max(left, 0) * statistics.mean(self.durations) / 60:.0f} min left" if left > 0 else ""
             self.progress(
                 f"nlora: {method} lr {lr:g} seed {seed}: validation loss {record['summary']['validation_loss']:.4f} "
