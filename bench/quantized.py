@@ -125,7 +125,8 @@ def training(tiny_model: str | None, tiny_data: str | None, steps: int, seeds: l
     store = RESULTS / "runs" / "quantized"
     base = TrainSettings(model=tiny_model or "smollm2-135m", data=tiny_data or "gsm8k", quantization="nf4",
                          max_steps=steps, r=8, max_length=160, per_device_train_batch_size=4, save_steps=0,
-                         eval_steps=0, max_eval_samples=8 if tiny_model else 64, eval_before=True)  # fmt: skip
+                         eval_steps=0, max_eval_samples=8 if tiny_model else 64, eval_before=True,
+                         nystrom_square_landmarks="columns")  # fmt: skip  # the init its stored runs used
     rows = []
     for label, method in METHODS.items():
         records = []

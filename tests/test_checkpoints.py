@@ -112,3 +112,27 @@ def test_a_fingerprint_is_computed_only_where_a_load_checks_it(mode, overrides, 
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert any(k.endswith("nystrom_fingerprint") for k in saved) == fingerprinted
+
+
+@pytest.mark.parametrize("mode,overrides", [("nlora", {}), ("inttune", {"save_frozen_factors": False})])
+def test_a_checkpoint_saved_before_square_row_landmarks_reloads_the_factors_it_was_trained_with(
+    mode, overrides, tmp_path
+):
+    """nlora < 0.2 took a square W's landmarks on its columns and saved no ``nystrom_square_landmarks``: such a
+    checkpoint re-derives column landmarks (exactly its trained model), while a config saved now says which side."""
+    import json
+
+    old = tmp_path / "old"
+    out, x = _saved(old, mode, nystrom_square_landmarks="columns", **overrides)
+    config_file = old / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    assert saved.pop("nystrom_square_landmarks") == "columns"
+    config_file.write_text(json.dumps(saved))  # as nlora < 0.2 wrote it
+    loaded = PeftModel.from_pretrained(_base(), old)
+    assert loaded.peft_config["default"].nystrom_square_landmarks == "columns"
+    torch.testing.assert_close(output(loaded, x), out, atol=1e-6, rtol=0)
+
+    new = tmp_path / "new"
+    out, x = _saved(new, mode, **overrides)
+    assert json.loads((new / "adapter_config.json").read_text())["nystrom_square_landmarks"] == "rows"
+    torch.testing.assert_close(output(PeftModel.from_pretrained(_base(), new), x), out, atol=1e-6, rtol=0)

@@ -143,6 +143,27 @@ def test_half_precision_forward_and_merge(dtype, mode):
     torch.testing.assert_close(output(model, x).float(), out, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("mode", ["nlora", "nlora_reference", "inttune", "slora"])
+@pytest.mark.parametrize("autocast", [True, False])
+def test_adapter_creation_draws_nothing_and_follows_the_base_dtype(mode, autocast):
+    """The factors are set by nlora's init: PEFT's Kaiming draw of A and B (for the slicing init, longer than the init
+    itself) is skipped, so the global RNG is untouched, and the adapter still gets the base's device and dtype."""
+    base, x = build("llama")
+    base = base.to(torch.bfloat16)
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    model = get_peft_model(base, make_config("llama", mode), autocast_adapter_dtype=autocast)
+    assert torch.equal(torch.rand(4), expected)  # nothing drawn from the global RNG
+    adapters = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    assert adapters and not any(p.device.type == "meta" for p in adapters.values())
+    assert {p.dtype for p in adapters.values()} == {torch.float32 if autocast else torch.bfloat16}
+    assert all(p.is_contiguous() for p in adapters.values())
+    trainable = {n for n, p in adapters.items() if p.requires_grad}
+    assert trainable and all(".lora_N." in n for n in trainable) == (mode == "inttune")
+    assert torch.isfinite(output(model, x).float()).all()
+
+
 def test_authors_quickstart_works_with_one_change():
     from peft import TaskType
 

@@ -142,6 +142,26 @@ def test_projection_factors_of_the_transpose_are_the_transposed_factors():
     torch.testing.assert_close(nystrom.delta_weight(f, 1.0).T, nystrom.delta_weight(g, 1.0), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("landmarks", ["norm", "first"])
+def test_square_row_landmarks_are_the_column_landmarks_of_the_transpose(landmarks):
+    """``square_landmarks`` picks the side of a square W: rows of W are columns of W^T, so the two settings give
+    transposed approximations of transposed matrices, both within the default's quality bound."""
+    w = decaying(36, 36)
+    rows = nystrom.nystrom_factors(w, 6, landmarks=landmarks, core="project", oversample=2, square_landmarks="rows")
+    cols_of_t = nystrom.nystrom_factors(w.T.contiguous(), 6, landmarks=landmarks, core="project", oversample=2,
+                                        square_landmarks="columns")  # fmt: skip
+    torch.testing.assert_close(nystrom.delta_weight(rows, 1.0), nystrom.delta_weight(cols_of_t, 1.0).T, atol=1e-5,
+                               rtol=1e-4)  # fmt: skip
+    assert rows.rows is not None and rows.cols is None and cols_of_t.cols is not None
+    optimum = nystrom.svd_optimal_error(w, 6)
+    for side in ("rows", "columns"):
+        f = nystrom.nystrom_factors(w, 6, landmarks=landmarks, core="project", oversample=2, square_landmarks=side)
+        assert nystrom.relative_error(w, f, 1.0) <= 1.5 * optimum
+        assert f.A.is_contiguous() and f.B.is_contiguous()
+    with pytest.raises(ValueError, match="square_landmarks"):
+        nystrom.nystrom_factors(w, 6, core="project", square_landmarks="diagonal")
+
+
 def test_row_and_column_norms_match_vector_norm_in_either_memory_order():
     w = torch.randn(700, 33)
     for view in (w, w.T.contiguous().T, w.bfloat16(), w.bfloat16().T.contiguous().T):  # Conv1D/embeddings: .T views
@@ -149,11 +169,12 @@ def test_row_and_column_norms_match_vector_norm_in_either_memory_order():
         torch.testing.assert_close(nystrom.row_norms(view), torch.linalg.vector_norm(view.float(), dim=1))
 
 
-@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (32, 32)])
 def test_base_fingerprint_is_the_same_whether_the_landmark_pass_computed_the_norms_or_not(shape):
     w = decaying(*shape)
     factors = nystrom.nystrom_factors(w, 4, landmarks="norm", core="project", oversample=2)
-    assert (factors.weight_row_norms is not None) == (shape[0] > shape[1])  # tall: the row norms come for free
+    # row landmarks (tall or square W): the row norms come for free
+    assert (factors.weight_row_norms is not None) == (shape[0] >= shape[1])
     fresh = nystrom.weight_fingerprint(w)
     tolerance = 1e-6 * fresh[0]  # same_base compares both numbers relative to the norm
     assert nystrom.init_fingerprint(w, factors)[:2] == pytest.approx(fresh, abs=tolerance)

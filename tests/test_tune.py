@@ -116,3 +116,31 @@ def test_compare_tune_end_to_end_and_resumes_from_its_stored_runs(tmp_path):
     assert "difference to lora" in text and "| nlora |" in text and (out / "tune.png").stat().st_size > 0
     rc, _, err = nlora(*args)  # again: every run is read back, none trained
     assert rc == 0 and "validation loss" not in err
+
+
+def test_runs_stored_before_a_nystrom_knob_existed_keep_their_key_and_match_only_the_init_they_used(tmp_path):
+    """Square layers took column landmarks before nlora 0.2; the stored runs of that init keep their file names and
+    are reused for a recipe that pins ``nystrom_square_landmarks="columns"`` (the study), never for the new default."""
+    import dataclasses
+    import json
+
+    from nlora.cli.compare import run_key
+    from nlora.cli.settings import recorded_settings
+
+    new = TrainSettings(method="nlora", learning_rate=1e-3, max_steps=10)
+    legacy = dataclasses.replace(new, nystrom_square_landmarks="columns")
+    assert run_key(legacy) == "nlora-r8-lr0.001-seed0-steps10"  # what the store's files are already called
+    assert run_key(new) == "nlora-r8-lr0.001-seed0-steps10-square-rows"
+    old = legacy.comparable()
+    del old["nystrom_square_landmarks"]  # a record written before the knob
+    assert recorded_settings(old) == legacy.comparable() != new.comparable()
+    lora = dataclasses.replace(new, method="lora").comparable()
+    assert "nystrom_square_landmarks" not in lora and recorded_settings(lora) == lora
+
+    store = tmp_path / "store"
+    store.mkdir()
+    summary = {"after_loss": 1.0, "validation_loss": 1.0, "before_loss": 2.0}
+    (store / f"{run_key(legacy)}.json").write_text(json.dumps({"settings": old, "summary": summary, "metrics": []}))
+    for base, found in ((legacy, True), (new, False)):
+        search = RateSearch(base, ["nlora"], [0], store, tmp_path / "scratch", train=False, progress=None)
+        assert (search.run("nlora", 1e-3, 0) is not None) == found

@@ -32,7 +32,7 @@ from peft.tuners.tuners_utils import (  # noqa: E402
     _maybe_include_all_linear_layers,
     check_target_module_exists,
 )
-from peft.utils.integrations import gather_params_ctx, get_bnb_param_type  # noqa: E402
+from peft.utils.integrations import gather_params_ctx, get_bnb_param_type, init_empty_weights  # noqa: E402
 from peft.utils.other import transpose  # noqa: E402
 
 __all__ = [
@@ -54,6 +54,9 @@ __all__ = [
     "get_bnb_param_type",
     "freeze_peft_weight",
     "gather_params_ctx",
+    "empty_weights_active",
+    "init_empty_weights",
+    "move_adapter_to_base_device",
     "register_peft_type",
     "transpose",
 ]
@@ -185,3 +188,19 @@ def original_base_state_dicts() -> None:
     for namespace in (save_and_load, peft.utils, peft):
         namespace.get_base_model_state_dict = get_base_model_state_dict
         namespace.set_base_model_state_dict = set_base_model_state_dict
+
+
+def move_adapter_to_base_device(module: LoraLayer, adapter: str) -> None:
+    """Move one adapter's parameters to the device and (floating) dtype of the layer's base weight, as PEFT's
+    ``update_layer`` does for adapters it creates on a real device."""
+    module._move_adapter_to_device_of_base_layer(adapter)
+
+
+def empty_weights_active() -> bool:
+    """Whether new parameters are being created on the meta device (inside ``init_empty_weights``, which
+    ``PeftModel(..., low_cpu_mem_usage=True)`` enters without telling the tuner)."""
+    import torch
+
+    probe = torch.nn.Module()
+    probe.register_parameter("p", torch.nn.Parameter(torch.empty(0)))  # no random draw, unlike a layer
+    return probe.p.device.type == "meta"

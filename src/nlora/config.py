@@ -54,7 +54,11 @@ _RESIDUAL_FIELDS = (
     "init_lora_weights", "residual", "intermediate_init", "quantized_residual", "init_seed", "r", "lora_alpha",
     "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "fan_in_fan_out",
     "nystrom_landmarks", "nystrom_core", "nystrom_oversample", "nystrom_rcond", "nystrom_orthonormal",
+    "nystrom_square_landmarks",
 )  # fmt: skip
+# What a saved config without a field meant: the behaviour before the field existed (checkpoints keep re-deriving
+# the factors they were trained with). Square layers took column landmarks before nlora 0.2.
+LEGACY_DEFAULTS = {"nystrom_square_landmarks": "columns"}
 
 
 @dataclass
@@ -98,6 +102,13 @@ class NLoraConfig(LoraConfig):
     nystrom_oversample: float = field(
         default=0.25,
         metadata={"help": "'nlora' takes r * (1 + oversample) landmarks, then truncates to rank r."},
+    )
+    nystrom_square_landmarks: Literal["rows", "columns"] = field(
+        default="rows",
+        metadata={
+            "help": "'project' core on a square W: landmark rows (contiguous, ~15% faster on CPU) or columns (the "
+            "choice before nlora 0.2, which checkpoints saved then keep). Other shapes use the shorter side."
+        },
     )
     nystrom_rcond: float = field(default=1e-2, metadata={"help": "Relative cut-off of the 'pinv' and 'ridge' cores."})
     nystrom_orthonormal: bool = field(
@@ -157,6 +168,11 @@ class NLoraConfig(LoraConfig):
             raise ValueError(
                 f"NLoraConfig: quantized_residual must be 'keep' or 'requantize', got {self.quantized_residual!r}."
             )
+        if self.nystrom_square_landmarks not in ("rows", "columns"):
+            raise ValueError(
+                "NLoraConfig: nystrom_square_landmarks must be 'rows' or 'columns', got "
+                f"{self.nystrom_square_landmarks!r}."
+            )
         if self.intermediate_init not in ("nystrom", "zero"):
             raise ValueError(
                 f"NLoraConfig: intermediate_init must be 'nystrom' or 'zero', got {self.intermediate_init!r}."
@@ -205,6 +221,7 @@ class NLoraConfig(LoraConfig):
             "oversample": self.oversampled_rank(r, min(shape)) - r,
             "rcond": self.nystrom_rcond,
             "orthonormal": self.nystrom_orthonormal,
+            "square_landmarks": self.nystrom_square_landmarks,
         }
 
     def oversampled_rank(self, r: int, max_rank: int) -> int:
@@ -217,6 +234,14 @@ class NLoraConfig(LoraConfig):
 
         super().save_pretrained(save_directory, **kwargs)
         write_card(save_directory, adapter_card(self))
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs) -> dict:
+        """A saved config; a field it lacks takes the value that matched the behaviour when it was saved."""
+        loaded = super().from_json_file(path_json_file, **kwargs)
+        if loaded.get("peft_type") == "NLORA":
+            loaded = {**LEGACY_DEFAULTS, **loaded}
+        return loaded
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):

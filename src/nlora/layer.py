@@ -13,6 +13,7 @@ import zlib
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from . import nystrom
 from ._compat import (
@@ -21,6 +22,7 @@ from ._compat import (
     freeze_peft_weight,
     gather_params_ctx,
     get_bnb_param_type,
+    move_adapter_to_base_device,
 )
 from .config import NLoraConfig
 from .variants import (
@@ -130,7 +132,10 @@ def _assign(module: LoraLayer, container: str, adapter: str, value: torch.Tensor
     param = owner._parameters[name]
     if param.device.type == "meta":
         if materialize:  # bypass register_parameter, which init_empty_weights patches to create meta tensors
-            owner._parameters[name] = nn.Parameter(value.to(param.dtype), requires_grad=param.requires_grad)
+            # a contiguous copy: the residual record keeps the initial factors, which training must not change, and
+            # a strided view (a slice of W) would take other kernels than the parameter a checkpoint loads into
+            value = value.detach().to(param.dtype, copy=True, memory_format=torch.contiguous_format)
+            owner._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
         return
     with torch.no_grad():
         param.copy_(value.to(device=param.device, dtype=param.dtype))
@@ -175,11 +180,15 @@ def _initial_factors(module: LoraLayer, adapter: str, config: NLoraConfig, key: 
     return nystrom.Factors(A=A, N=N, B=B)
 
 
-def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str, untie: bool = False) -> None:
+def init_adapter(
+    module: LoraLayer, adapter: str, config: NLoraConfig, key: str, untie: bool = False, created_empty: bool = False
+) -> None:
     """Add ``lora_N`` for ``adapter`` to a freshly updated PEFT LoRA layer and initialise A, N, B (and W).
 
     ``untie``: the base weight is shared with another module (tied embeddings); this layer then gets a private copy,
     so that neither a residual nor a merge changes the other module. ``unload`` puts the shared weight back.
+    ``created_empty``: PEFT created A and B on the meta device (no random draw to pay); they are materialised here
+    and moved to the base layer's device and dtype.
     """
     name_A, name_B = factor_names(module)
     A_param = adapter_param(module, name_A, adapter)
@@ -189,7 +198,8 @@ def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str,
         module.lora_N = nn.ModuleDict()
     if "lora_N" not in module.adapter_layer_names:
         module.adapter_layer_names = tuple(module.adapter_layer_names) + ("lora_N",)
-    module.lora_N[adapter] = nn.Linear(r, r, bias=False, device=A_param.device, dtype=A_param.dtype)
+    # no Kaiming draw: every init below sets N
+    module.lora_N[adapter] = skip_init(nn.Linear, r, r, bias=False, device=A_param.device, dtype=A_param.dtype)
     module.lora_N[adapter].requires_grad_(A_param.requires_grad)
     if isinstance(module, LoraEmbedding):
         module.lora_variant[adapter] = SLoraEmbeddingVariant()
@@ -210,10 +220,12 @@ def init_adapter(module: LoraLayer, adapter: str, config: NLoraConfig, key: str,
         factors = _share_residual(module, adapter, holder)
     else:
         factors = _initial_factors(module, adapter, config, key)
-    materialize = not config.save_frozen_factors
+    materialize = created_empty or not config.save_frozen_factors
     _assign(module, name_A, adapter, factors.A, materialize)
     _assign(module, name_B, adapter, factors.B, materialize)
-    _assign(module, "lora_N", adapter, factors.N, materialize=False)
+    _assign(module, "lora_N", adapter, factors.N, materialize=created_empty)
+    if created_empty:
+        move_adapter_to_base_device(module, adapter)
 
     if untie and holder is None:
         _untie(module, adapter)

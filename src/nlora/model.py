@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 
@@ -14,8 +15,10 @@ from ._compat import (
     ExcludedModule,
     LoraLayer,
     LoraModel,
+    empty_weights_active,
     gather_params_ctx,
     include_all_linear_layers,
+    init_empty_weights,
 )
 from .config import NYSTROM_INITS, NLoraConfig
 from .distributed import distributed_ready
@@ -221,11 +224,17 @@ class NLoraModel(LoraModel):
         # PEFT builds lora_A / lora_B; it does not know our init names, so it gets a neutral copy.
         peft_view = copy.copy(lora_config)
         peft_view.init_lora_weights = False
-        super()._create_and_replace(peft_view, adapter_name, target, target_name, parent, current_key, **kwargs)
+        # init_adapter overwrites every factor: PEFT's Kaiming draw of A and B (as long as the slicing init itself)
+        # is skipped by creating them empty. Under low_cpu_mem_usage (already empty: the loader fills them) and on a
+        # base on meta (another rank's weights) the adapter stays as PEFT made it.
+        base_weight = getattr(target.get_base_layer() if isinstance(target, LoraLayer) else target, "weight", None)
+        empty = base_weight is not None and base_weight.device.type != "meta" and not empty_weights_active()
+        with init_empty_weights() if empty else contextlib.nullcontext():
+            super()._create_and_replace(peft_view, adapter_name, target, target_name, parent, current_key, **kwargs)
         module = target if isinstance(target, LoraLayer) else getattr(parent, target_name)
         base = module.get_base_layer()
         untie = id(getattr(base, "weight", None)) in getattr(self, "_shared_weights", set())
-        init_adapter(module, adapter_name, lora_config, current_key, untie=untie)
+        init_adapter(module, adapter_name, lora_config, current_key, untie=untie, created_empty=empty)
 
     def _check_residual_neighbours(self, model: nn.Module, adapter_name: str, config: NLoraConfig) -> None:
         """Refuse, before injection, an adapter that would sit next to a residual one (or a residual one next to any

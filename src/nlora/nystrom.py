@@ -107,6 +107,7 @@ def nystrom_factors(
     orthonormal: bool = True,
     scaling: float = 1.0,
     generator: torch.Generator | None = None,
+    square_landmarks: str = "rows",
 ) -> Factors:
     """Nyström (CUR) factors of ``weight`` so that ``scaling * B @ N @ A`` approximates it with rank <= r.
 
@@ -118,7 +119,9 @@ def nystrom_factors(
     not an approximation of W). ``orthonormal=True`` re-expresses the same product with orthonormal
     ``B`` and ``A`` (all scale in N), which is better conditioned for training; ``orthonormal=False`` keeps the
     skeleton form ``B = C``, ``A = R``. ``oversample`` takes ``r + oversample`` landmarks and truncates the core
-    back to rank r with a small SVD. All arithmetic is fp32; results are fp32.
+    back to rank r with a small SVD. ``square_landmarks`` is the side a square W's landmarks are taken on by the
+    ``project`` core (``rows``: contiguous rows and W times the basis, cheaper on row-major memory than ``columns``,
+    the choice before nlora 0.2). All arithmetic is fp32; results are fp32.
     """
     m, n = weight.shape
     if not 0 < r <= min(m, n):
@@ -130,7 +133,10 @@ def nystrom_factors(
     w = weight.detach().float()
     k = min(r + max(oversample, 0), m, n)
     if core == "project":
-        return _projection_factors(w, r, k, landmarks, scaling, generator)
+        if square_landmarks not in ("rows", "columns"):
+            raise ValueError(f"Unknown square_landmarks {square_landmarks!r}; choose 'rows' or 'columns'.")
+        tall = m > n or (m == n and square_landmarks == "rows")
+        return _projection_factors(w, r, k, landmarks, scaling, generator, tall)
     rows, cols = select_landmarks(w, k, landmarks, generator)
     rows, cols = rows.to(w.device), cols.to(w.device)
     C, R = w[:, cols], w[rows, :]
@@ -157,12 +163,12 @@ def nystrom_factors(
 
 
 def _projection_factors(
-    w: torch.Tensor, r: int, k: int, landmarks: str, scaling: float, generator: torch.Generator | None
+    w: torch.Tensor, r: int, k: int, landmarks: str, scaling: float, generator: torch.Generator | None, tall: bool
 ) -> Factors:
     """``W ~ Q Q^T W`` truncated to rank r, with Q an orthonormal basis of k landmark columns of W (of k landmark
-    rows when W is taller than wide, so Q lives on the smaller side). One product of W with k vectors, one QR of
-    a thin matrix and one thin SVD: the cheapest way to a near-optimal residual (see docs/benchmarks.md)."""
-    tall = w.shape[0] > w.shape[1]
+    rows when ``tall``: W taller than wide, so Q lives on the smaller side, or square with row landmarks). One
+    product of W with k vectors, one QR of a thin matrix and one thin SVD: the cheapest way to a near-optimal residual
+    (see docs/benchmarks.md)."""
     wide = w.T if tall else w  # short side first: landmarks are columns of ``wide``
     norm_sq = norms = None
     if landmarks == "norm":  # one norm pass, over the side that is used; ||W||^2 comes with it
@@ -174,17 +180,20 @@ def _projection_factors(
     # index_select on W's own rows or columns: 10x faster than w[:, idx], and than selecting through the w.T view
     landmark_vectors = w.index_select(0, picked).T if tall else w.index_select(1, picked)
     q = torch.linalg.qr(landmark_vectors).Q  # short x k
-    # k x long: the only pass over W at matrix-product cost. CPU BLAS is ~20% faster with W as the left operand,
-    # except a transposed W times fewer than ~12 vectors (4x slower; measured in bench/init_sweep.py)
-    m = (wide.T @ q).T if tall or k > 12 else q.T @ wide
-    # top-r singular pairs of m from its k x k Gram matrix (3x cheaper than an SVD of m; only the top r are used,
-    # which sit far above the Gram matrix's rounding), then A = S^-1 U^T m
-    energy, u = torch.linalg.eigh((m @ m.T).double())
+    # long x k: the only pass over W at matrix-product cost (W q for row landmarks). CPU BLAS is ~20% faster with W
+    # as the left operand, except a transposed W times fewer than ~12 vectors (4x slower; bench/init_sweep.py)
+    sketch = wide.T @ q if tall or k > 12 else (q.T @ wide).T
+    # top-r singular pairs of the sketch from its k x k Gram matrix (3x cheaper than an SVD; only the top r are
+    # used, which sit far above the Gram matrix's rounding): wide ~ (q u) diag(s) (sketch u / s)^T
+    energy, u = torch.linalg.eigh((sketch.T @ sketch).double())
     u, s = u[:, -r:].flip(1).float(), energy[-r:].flip(0).clamp_min(0).sqrt().float()
-    A = (u.T @ m) / s.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    B, N = q @ u, torch.diag(s)  # wide ~ B N A
-    if tall:  # W = wide^T ~ A^T N B^T
-        B, A = A.T, B.T
+    inv_s = 1 / s.clamp_min(torch.finfo(torch.float32).tiny)
+    N = torch.diag(s)
+    # each factor as one product in its final layout (no transposed copies)
+    if tall:  # W = wide^T ~ (sketch u / s) diag(s) (q u)^T
+        B, A = (sketch @ u) * inv_s, u.T @ q.T
+    else:
+        B, A = q @ u, (u.T * inv_s.unsqueeze(1)) @ sketch.T
     return Factors(
         A=A.contiguous(), N=(N / scaling).contiguous(), B=B.contiguous(), rows=picked if tall else None,
         cols=None if tall else picked, captured_energy=s[:r].pow(2).sum().item(), weight_norm_sq=norm_sq,

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import LEGACY_DEFAULTS
 from ..files import COMPARE_MARKER, OutputFolder, write_atomic
 from ..rates import rate_spread, recommended_learning_rate
-from .settings import NYSTROM_KNOBS, CompareSettings, TrainSettings
+from .settings import NYSTROM_KNOBS, CompareSettings, TrainSettings, recorded_settings
 from .train import run_train
 
 
@@ -29,11 +30,13 @@ def _mean_std(values: list[float]) -> str:
 def run_key(settings: TrainSettings) -> str:
     """The file name a finished run is stored under: what distinguishes runs of one study."""
     key = f"{settings.method}-r{settings.r}-lr{settings.learning_rate:g}-seed{settings.seed}-steps{settings.max_steps}"
-    if settings.method in ("nlora", "inttune"):  # a Nyström variant other than the default is another run
-        defaults = {f.name: f.default for f in dataclasses.fields(settings)}
+    if settings.method in ("nlora", "inttune"):  # a Nyström variant other than the store's first one is another run
+        baseline = {f.name: f.default for f in dataclasses.fields(settings)} | LEGACY_DEFAULTS
         variant = [getattr(settings, name) for name in NYSTROM_KNOBS]
-        if variant != [defaults[name] for name in NYSTROM_KNOBS]:
-            key += "-{}-{}-p{:g}".format(*variant)
+        if variant[:3] != [baseline[name] for name in NYSTROM_KNOBS[:3]]:
+            key += "-{}-{}-p{:g}".format(*variant[:3])
+        if settings.nystrom_square_landmarks != baseline["nystrom_square_landmarks"]:
+            key += f"-square-{settings.nystrom_square_landmarks}"
     return key
 
 
@@ -49,7 +52,7 @@ def run_stored(settings: TrainSettings, store: Path | None, needs: tuple[str, ..
     previous = None
     if path is not None and path.exists():
         record = json.loads(path.read_text())
-        if record["settings"] == wanted:
+        if recorded_settings(record["settings"]) == wanted:
             if all(key in record["summary"] for key in needs):
                 return record
             previous = record["summary"].get("after_loss")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from peft import LoraConfig, TaskType
 
 from ..config import NLoraConfig
-from .settings import TrainSettings
+from .settings import NYSTROM_KNOBS, TrainSettings
 
 
 def peft_config(settings: TrainSettings) -> LoraConfig:
@@ -26,9 +26,7 @@ def peft_config(settings: TrainSettings) -> LoraConfig:
     if method == "pissa":  # full SVD: exact and reproducible on reload (pissa_niter_K is not, see the notes)
         return LoraConfig(init_lora_weights="pissa", **shared)
     nystrom = {
-        "nystrom_landmarks": settings.nystrom_landmarks,
-        "nystrom_core": settings.nystrom_core,
-        "nystrom_oversample": settings.nystrom_oversample,
+        **{knob: getattr(settings, knob) for knob in NYSTROM_KNOBS},
         "residual": settings.residual,
         "init_seed": settings.seed,
     }

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from transformers import HfArgumentParser
 
-from ..config import NLoraConfig
+from ..config import LEGACY_DEFAULTS, NLoraConfig
 from ..rates import RECOMMENDED_LEARNING_RATES, STUDY, recommended_learning_rate
 
 try:
@@ -100,7 +100,15 @@ class DataSettings:
 # the settings of the Nyström init: they change nothing for lora, pissa, slora or nlora-reference; their defaults
 # are NLoraConfig's (one source of truth)
 _NLORA_DEFAULTS = {f.name: f for f in dataclasses.fields(NLoraConfig)}
-NYSTROM_KNOBS = ("nystrom_core", "nystrom_landmarks", "nystrom_oversample")
+NYSTROM_KNOBS = ("nystrom_core", "nystrom_landmarks", "nystrom_oversample", "nystrom_square_landmarks")
+
+
+def recorded_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a stored or resumed run as they compare with :meth:`TrainSettings.comparable` today: a Nyström
+    knob added since takes the value that matched the init the run was trained with (``LEGACY_DEFAULTS``)."""
+    if saved.get("method") not in ("nlora", "inttune"):
+        return saved
+    return {**LEGACY_DEFAULTS, **saved}
 
 
 @dataclass
@@ -125,6 +133,10 @@ class AdapterSettings:
     nystrom_oversample: float = field(
         default=_NLORA_DEFAULTS["nystrom_oversample"].default,
         metadata={"help": "nlora/inttune: extra landmarks as a fraction of r, truncated back to r"},
+    )
+    nystrom_square_landmarks: Literal["rows", "columns"] = field(
+        default=_NLORA_DEFAULTS["nystrom_square_landmarks"].default,
+        metadata={"help": "nlora/inttune: landmark side of a square W with the project core (columns: before 0.2)"},
     )
     residual: bool = field(default=True, metadata={"help": "nlora/inttune: subtract the initial delta from W"})
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import RUN_MARKER, OutputFolder, atomic_directory
-from .settings import TrainSettings
+from .settings import TrainSettings, recorded_settings
 
 RUN_CONFIG = "run_config.json"
 
@@ -40,7 +40,7 @@ def check_run_dir(settings: TrainSettings) -> str | None:
         run_output(settings).check(resume=True)  # still a run folder, and only of nlora's files
         if not (out / RUN_CONFIG).exists() or not (out / RUN_MARKER).exists():
             raise RunError(f"Cannot resume: {out} holds no nlora run; start it without --resume.")
-        recorded = json.loads((out / RUN_CONFIG).read_text())
+        recorded = recorded_settings(json.loads((out / RUN_CONFIG).read_text()))
         recorded.pop("label_names", None)  # derived from the data, not a setting
         recorded.pop("learning_rate_source", None)  # the rate itself is compared
         current = settings.comparable()

@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import stats
 from ..rates import recommended_learning_rate
-from .settings import TrainSettings
+from .settings import TrainSettings, recorded_settings
 
 NEEDS = ("validation_loss", "before_loss")  # what a stored run must hold for the protocol
 
@@ -106,7 +106,11 @@ class RateSearch:
         if not self.train:
             record = json.loads(path.read_text()) if path.exists() else None
             wanted = settings.comparable()
-            if record is None or record["settings"] != wanted or not all(k in record["summary"] for k in self.needs):
+            if (
+                record is None
+                or recorded_settings(record["settings"]) != wanted
+                or not all(k in record["summary"] for k in self.needs)
+            ):
                 return None
             return record
         started = time.perf_counter()
