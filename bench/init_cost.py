@@ -1,7 +1,8 @@
 """Benchmark 1: initialisation cost and quality, per matrix and for the whole SmolLM2-135M model.
 
-Run:  python bench/init_cost.py            (full: Llama-2-7B shapes + SmolLM2, ~15 min on 2 cores)
-      python bench/init_cost.py --tiny     (a smoke run on small shapes, used by the test suite)
+Run:  python bench/init_cost.py                   (full: Llama-2-7B shapes + SmolLM2, ~15 min on 2 cores)
+      python bench/init_cost.py --targets         (the targets only, ~3 min; run it on a quiet machine)
+      python bench/init_cost.py --tiny            (a smoke run on small shapes, used by the test suite)
 
 Every method goes through ``get_peft_model`` on the same weights (stock PEFT for LoRA, PiSSA, pissa_niter_4 and
 OLoRA), timed interleaved (A B C ... A B C ...) and reported as medians and median ratios. "floor" is one product of
@@ -12,7 +13,9 @@ W with an in x r matrix: the least work any residual init must do. Llama-2-7B sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import gc
 import statistics
 import time
 import warnings
@@ -142,6 +145,105 @@ def bench_matrix(shape: tuple[int, int], ranks: list[int], repeats: int) -> list
     return rows
 
 
+TARGETS = {
+    "nlora (default)": lambda r: NLoraConfig(r=r, lora_alpha=r),
+    "nlora (previous: square columns, PEFT's draw)": lambda r: NLoraConfig(
+        r=r, lora_alpha=r, nystrom_square_landmarks="columns"
+    ),
+    "nlora_reference": lambda r: NLoraConfig(r=r, lora_alpha=r, init_lora_weights="nlora_reference"),
+    "nlora_reference (previous: PEFT's draw)": lambda r: NLoraConfig(
+        r=r, lora_alpha=r, init_lora_weights="nlora_reference"
+    ),
+    "PEFT LoRA": lambda r: LoraConfig(r=r, lora_alpha=r),
+    "PEFT pissa_niter_4": lambda r: LoraConfig(r=r, lora_alpha=r, init_lora_weights="pissa_niter_4"),
+}
+
+
+@contextlib.contextmanager
+def previous_creation(method: str):
+    """The adapter creation before nlora skipped PEFT's draw: PEFT creates A and B on the CPU with its Kaiming init
+    and nlora copies its factors in (the path ``low_cpu_mem_usage`` and meta bases still take)."""
+    import nlora.model
+
+    if "previous" not in method:
+        yield
+        return
+    saved = nlora.model.empty_weights_active
+    nlora.model.empty_weights_active = lambda: True
+    try:
+        yield
+    finally:
+        nlora.model.empty_weights_active = saved
+
+
+def spread(values: list[float]) -> str:
+    """min / median / max."""
+    return f"{min(values):.3g} / {median(values):.3g} / {max(values):.3g}"
+
+
+def bench_targets(shapes: list[tuple[int, int]], ranks: list[int], repeats: int) -> list[dict]:
+    """The issue's targets, interleaved (every method and the floor once per repeat): each method's time over the
+    floor of the same repeat, and pissa_niter_4's time over the method's, as min / median / max over the repeats."""
+    rows = []
+    for shape in shapes:
+        torch.manual_seed(0)
+        weight = torch.randn(*shape) * 0.02
+        for r in ranks:
+            times: dict[str, list[float]] = {m: [] for m in TARGETS} | {"floor": []}
+            x = torch.randn(shape[1], r)
+            for _ in range(repeats + 1):  # the first round warms up and is dropped
+                for method, make in TARGETS.items():
+                    model = One(weight)  # setup, not timed
+                    gc.collect()  # else the cycles of the previous model (and its 64+ MB weight) are freed mid-timing
+                    with previous_creation(method):
+                        started = time.perf_counter()
+                        _adapt(model, make(r), ["proj"])
+                        times[method].append(time.perf_counter() - started)
+                    del model
+                gc.collect()
+                started = time.perf_counter()
+                weight @ x
+                times["floor"].append(time.perf_counter() - started)
+            times = {m: t[1:] for m, t in times.items()}
+            floor, niter = times["floor"], times["PEFT pissa_niter_4"]
+            for method in TARGETS:
+                t = times[method]
+                rows.append({"shape": f"{shape[0]}x{shape[1]}", "r": r, "method": method, "seconds": median(t),
+                             "x_floor": [a / b for a, b in zip(t, floor)],
+                             "pissa_niter_4_over_this": [a / b for a, b in zip(niter, t)]})  # fmt: skip
+    return rows
+
+
+def default_quality(models: list[str], ranks: list[int]) -> list[dict]:
+    """Error / truncated-SVD optimum of the default init on the real weights of §1b (every linear layer of each
+    model), with square layers' landmarks on rows (the default) and on columns (before)."""
+    from init_sweep import model_matrices
+
+    from nlora.nystrom import nystrom_factors, relative_error
+
+    rows = []
+    for name in models:
+        matrices = model_matrices(name)
+        optimum = {key: optimal_errors(w, ranks) for key, w in matrices.items()}
+        for r in ranks:
+            for side in ("rows", "columns"):
+                ratios = [relative_error(w, nystrom_factors(w, r, oversample=r // 4, landmarks="norm", core="project",
+                                                            square_landmarks=side), 1.0) / optimum[key][r]
+                          for key, w in matrices.items()]  # fmt: skip
+                rows.append({"model": f"{name} ({len(matrices)} matrices)", "r": r, "square_landmarks": side,
+                             "median_over_optimum": median(ratios), "worst_over_optimum": max(ratios)})  # fmt: skip
+    return rows
+
+
+def targets_table(rows: list[dict]) -> str:
+    return markdown(
+        ["shape", "r", "method", "median seconds", "× floor (min / median / max)",
+         "pissa_niter_4 / this (min / median / max)"],
+        [[x["shape"], x["r"], x["method"], x["seconds"], spread(x["x_floor"]), spread(x["pissa_niter_4_over_this"])]
+         for x in rows],
+    )  # fmt: skip
+
+
 def bench_smollm2(ranks: list[int], repeats: int) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
@@ -194,7 +296,26 @@ def bench_smollm2(ranks: list[int], repeats: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes, one repeat, no SmolLM2 (smoke test)")
+    parser.add_argument("--targets", action="store_true", help="only the targets table (interleaved, 9 repeats)")
     args = parser.parse_args()
+    if args.targets or args.tiny:
+        shapes, ranks, repeats = ([(64, 96)], [4], 2) if args.tiny else ([(4096, 4096), (4096, 11008), (11008, 4096)],
+                                                                          [8, 32, 128], 9)  # fmt: skip
+        rows = bench_targets(shapes, ranks, repeats)
+        quality = default_quality(["minilm"] if args.tiny else ["smollm2-135m", "minilm"], [4] if args.tiny else ranks)
+        command = "python bench/init_cost.py " + ("--tiny" if args.tiny else "--targets")
+        write_results("init_targets" + ("_tiny" if args.tiny else ""), {"machine": machine(), "command": command,
+                                                                         "rows": rows, "quality": quality})  # fmt: skip
+        if not args.tiny:
+            quality_table = markdown(
+                ["model", "r", "square layers' landmarks", "median error / optimum", "worst error / optimum"],
+                [[q["model"], q["r"], q["square_landmarks"], q["median_over_optimum"], q["worst_over_optimum"]]
+                 for q in quality],
+            )  # fmt: skip
+            body = f"Command: `{command}` · machine: {machine()}\n\n{targets_table(rows)}\n"
+            update_section("init-targets", f"{body}Quality of the default on §1b's real weights:\n\n{quality_table}")
+        if args.targets:
+            return
     if args.tiny:
         shapes, ranks, repeats = [(64, 96)], [4], 1
     else:

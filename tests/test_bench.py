@@ -32,6 +32,12 @@ def test_init_cost_tiny(tmp_path):
     assert {"nlora (default: project, norm, r/4)", "PEFT pissa_niter_4", "PEFT PiSSA (full SVD)", "slora"} <= methods
     nlora_row = next(r for r in result["matrices"] if r["method"].startswith("nlora (default"))
     assert 0 < nlora_row["rel_error"] < 1 and nlora_row["seconds"] > 0
+    targets = json.loads((tmp_path / "init_targets_tiny.json").read_text())["rows"]
+    assert {row["method"] for row in targets} >= {"nlora (default)", "nlora_reference (previous: PEFT's draw)"}
+    assert all(len(row["x_floor"]) == len(row["pissa_niter_4_over_this"]) == 2 for row in targets)  # per repeat
+    quality = json.loads((tmp_path / "init_targets_tiny.json").read_text())["quality"]
+    assert {q["square_landmarks"] for q in quality} == {"rows", "columns"}
+    assert all(1 - 1e-6 <= q["median_over_optimum"] <= q["worst_over_optimum"] <= 1.5 for q in quality)  # MiniLM
 
 
 def test_init_sweep_tiny(tmp_path):

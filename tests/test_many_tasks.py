@@ -80,10 +80,11 @@ def test_mixed_batch_through_generate():
     ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(3))
     names = ["task1", "task4", "task1"]
     with torch.no_grad():
-        mixed = model.generate(input_ids=ids, adapter_names=names, max_new_tokens=4, do_sample=False)
+        # min_new_tokens: a row that meets EOS early would be padded in the batch and stop short alone
+        mixed = model.generate(input_ids=ids, adapter_names=names, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         for i, name in enumerate(names):
             model.set_adapter(name)
-            alone = model.generate(input_ids=ids[i : i + 1], max_new_tokens=4, do_sample=False)
+            alone = model.generate(input_ids=ids[i : i + 1], max_new_tokens=4, min_new_tokens=4, do_sample=False)
             assert torch.equal(mixed[i : i + 1], alone)
 
 

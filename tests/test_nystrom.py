@@ -162,6 +162,35 @@ def test_square_row_landmarks_are_the_column_landmarks_of_the_transpose(landmark
         nystrom.nystrom_factors(w, 6, core="project", square_landmarks="diagonal")
 
 
+@pytest.mark.parametrize("tall", [True, False])
+@pytest.mark.parametrize("landmark_spread", [None, 1e-3, 0.0])
+def test_projection_is_the_truncated_projection_onto_the_landmarks_however_conditioned(tall, landmark_spread):
+    """The landmark basis comes from the sketch's Gram matrix (well-conditioned landmarks), from a QR and the same
+    sketch (cond > 1e3: two landmarks 1e-3 apart), or from a QR and a second product (two equal landmarks): each is
+    the best rank-r part of W projected onto the span of its landmarks, with orthonormal A and B."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 40, generator=g, dtype=torch.float64)
+    if landmark_spread is not None:  # "first" landmarks: rows (tall) or columns 0..k-1; make the first two close
+        w[1] = w[0] + landmark_spread * torch.randn(40, generator=g, dtype=torch.float64)
+    w = w if tall else w.T.contiguous()  # wide: the landmarks are its columns
+    r, k = 4, 6
+    f = nystrom.nystrom_factors(w.float(), r, landmarks="first", core="project", oversample=k - r)
+    span = w[:k].T if tall else w[:, :k]  # landmark vectors on the short side
+    u, s, _ = torch.linalg.svd(span, full_matrices=False)
+    q = u[:, s > 1e-9 * s[0]]
+    projected = w @ q @ q.T if tall else q @ q.T @ w
+    u, s, vh = torch.linalg.svd(projected, full_matrices=False)
+    best = (u[:, :r] * s[:r]) @ vh[:r]
+    if landmark_spread == 0.0:  # the QR completes the dependent landmarks' span with some direction: never worse
+        error = torch.linalg.matrix_norm(w - nystrom.delta_weight(f, 1.0).double())
+        assert error <= torch.linalg.matrix_norm(w - best) * (1 + 1e-5)
+    else:
+        torch.testing.assert_close(nystrom.delta_weight(f, 1.0).double(), best, atol=1e-4 * s[0].item(), rtol=0)
+    eye = torch.eye(r)
+    torch.testing.assert_close(f.A @ f.A.T, eye, atol=1e-4, rtol=0)
+    torch.testing.assert_close(f.B.T @ f.B, eye, atol=1e-4, rtol=0)
+
+
 def test_row_and_column_norms_match_vector_norm_in_either_memory_order():
     w = torch.randn(700, 33)
     for view in (w, w.T.contiguous().T, w.bfloat16(), w.bfloat16().T.contiguous().T):  # Conv1D/embeddings: .T views

@@ -13,7 +13,6 @@ import zlib
 
 import torch
 from torch import nn
-from torch.nn.utils import skip_init
 
 from . import nystrom
 from ._compat import (
@@ -198,8 +197,9 @@ def init_adapter(
         module.lora_N = nn.ModuleDict()
     if "lora_N" not in module.adapter_layer_names:
         module.adapter_layer_names = tuple(module.adapter_layer_names) + ("lora_N",)
-    # no Kaiming draw: every init below sets N
-    module.lora_N[adapter] = skip_init(nn.Linear, r, r, bias=False, device=A_param.device, dtype=A_param.dtype)
+    # created empty like A and B (no draw: every init below sets N), else where A lives (the loader fills meta ones)
+    device = "meta" if created_empty else A_param.device
+    module.lora_N[adapter] = nn.Linear(r, r, bias=False, device=device, dtype=A_param.dtype)
     module.lora_N[adapter].requires_grad_(A_param.requires_grad)
     if isinstance(module, LoraEmbedding):
         module.lora_variant[adapter] = SLoraEmbeddingVariant()
