@@ -178,8 +178,8 @@ def _projection_factors(
 ) -> Factors:
     """``W ~ Q Q^T W`` truncated to rank r, with Q an orthonormal basis of k landmark columns of W (of k landmark
     rows when ``tall``: W taller than wide, so Q lives on the smaller side, or square with row landmarks). One
-    product of W with k vectors, one QR of a thin matrix and one thin SVD: the cheapest way to a near-optimal residual
-    (see docs/benchmarks.md)."""
+    product of W with k vectors and a few k x k factorisations: the cheapest way to a near-optimal residual (see
+    docs/benchmarks.md)."""
     wide = w.T if tall else w  # short side first: landmarks are columns of ``wide``
     norm_sq = norms = None
     if landmarks == "norm":  # one norm pass, over the side that is used; ||W||^2 comes with it
