@@ -131,6 +131,10 @@ def test_a_checkpoint_saved_before_square_row_landmarks_reloads_the_factors_it_w
     loaded = PeftModel.from_pretrained(_base(), old)
     assert loaded.peft_config["default"].nystrom_square_landmarks == "columns"
     torch.testing.assert_close(output(loaded, x), out, atol=1e-6, rtol=0)
+    through_transformers = _base()
+    through_transformers.load_adapter(str(old))  # transformers' own adapter API reads the config the same way
+    assert through_transformers.peft_config["default"].nystrom_square_landmarks == "columns"
+    torch.testing.assert_close(output(through_transformers, x), out, atol=1e-6, rtol=0)
 
     new = tmp_path / "new"
     out, x = _saved(new, mode, **overrides)
