@@ -129,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in handlers:
         print(f"nlora: error: unknown command '{command}'; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
+    finished = False
     try:
-        return handlers[command](rest)
+        code = handlers[command](rest)
+        finished = True
+        return code
     except KeyboardInterrupt:
         return 130
     except SystemExit as done:  # --help
@@ -143,6 +146,23 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"nlora: error: {where}{err.strerror or err}; check that path or choose another one.", file=sys.stderr)
         return 2
+    finally:
+        _end_distributed(finished)
+
+
+def _end_distributed(finished: bool) -> None:
+    """Under torchrun, leave together and close the process group: a rank that exits while another still writes
+    the adapter tears down gloo's threads mid-use, and the C++ runtime aborts it (SIGABRT at exit, seen in CI).
+    After a failure there is no barrier, since the other ranks may never reach it."""
+    import torch.distributed as dist
+
+    from ..distributed import distributed_ready
+
+    if not distributed_ready():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
