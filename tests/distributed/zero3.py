@@ -109,6 +109,7 @@ def main(model_dir, out_dir):
     if rank == 0:
         (Path(out_dir) / "report.json").write_text(json.dumps(report))
     dist.barrier()
+    dist.destroy_process_group()  # an open gloo group can abort the interpreter's exit (SIGABRT)
 
 
 if __name__ == "__main__":
