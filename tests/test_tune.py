@@ -5,6 +5,8 @@ import json
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nlora import stats
 from nlora.cli.settings import TrainSettings
@@ -144,3 +146,49 @@ def test_runs_stored_before_a_nystrom_knob_existed_keep_their_key_and_match_only
     for base, found in ((legacy, True), (new, False)):
         search = RateSearch(base, ["nlora"], [0], store, tmp_path / "scratch", train=False, progress=None)
         assert (search.run("nlora", 1e-3, 0) is not None) == found
+
+
+@pytest.mark.parametrize(
+    "low, high, reading",
+    [
+        (-0.152, -0.141, "better, beyond the margin"),
+        (-0.0036, 0.0195, "equivalent within ±0.02"),
+        (0.001, 0.015, "equivalent within ±0.02 and worse"),
+        (0.0008, 0.0330, "worse; whether beyond the margin is undecided"),
+        (0.107, 0.163, "worse, beyond the margin"),
+        (-0.0116, 0.1652, "inconclusive"),
+    ],
+)
+def test_a_difference_ci_is_read_against_the_equivalence_margin(low, high, reading):
+    assert stats.read_difference(low, high, 0.02) == reading
+
+
+@given(st.floats(-1, 1), st.floats(0, 1), st.floats(0.001, 0.5))
+def test_every_difference_ci_gets_the_one_reading_its_interval_supports(low, width, margin):
+    high = low + width
+    reading = stats.read_difference(low, high, margin)
+    assert reading.startswith("equivalent") == (-margin < low and high < margin)
+    assert reading.endswith("beyond the margin") == (low > margin or high < -margin)
+    assert (reading == "inconclusive") == (low <= 0 <= high and not (-margin < low and high < margin))
+    assert ("better" in reading) == (high < 0) and ("worse" in reading) == (low > 0)
+
+
+def test_the_study_verdict_reads_each_comparison_and_names_what_is_missing():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import convergence
+
+    runs = {
+        "lora": [fake_record(0, v) for v in (0.800, 0.801, 0.802)],
+        "nlora": [fake_record(0, v) for v in (0.803, 0.804, 0.805)],
+        "inttune": [fake_record(0, v) for v in (0.94, 0.95, 0.93)],
+        "pissa": [fake_record(0, 0.82)],  # one seed: no interval
+    }
+    rows = compare_selections({m: Selection(m, {}, {}, 1e-3, r) for m, r in runs.items()}, "lora", 1.7)
+    lines = convergence.verdict_lines(rows, 0.02, "not compared yet")
+    assert len(lines) == 3 and not any(line.startswith("- LoRA") for line in lines)
+    assert lines[0].startswith("- NLoRA − LoRA = +0.0030") and "**equivalent within ±0.02 and worse**" in lines[0]
+    assert "**worse, beyond the margin**" in lines[1] and "Holm p" in lines[1]
+    assert lines[2] == "- PiSSA: not compared yet; 1 seed stored."

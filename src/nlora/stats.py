@@ -83,3 +83,20 @@ def collapse_threshold(task: str, num_labels: int = 2, base_loss: float | None =
     if task == "classification" and num_labels > 1:
         return 0.99 * math.log(num_labels)
     return base_loss if base_loss is not None else math.inf
+
+
+def read_difference(low: float, high: float, margin: float) -> str:
+    """What a 95% CI ``[low, high]`` of a difference in loss (method − baseline; below 0 is better) says against an
+    equivalence margin fixed in advance: the interval, not a p-value, decides (two one-sided tests at 0.025)."""
+    if low > margin:
+        return "worse, beyond the margin"
+    if high < -margin:
+        return "better, beyond the margin"
+    if -margin < low and high < margin:
+        side = " and worse" if low > 0 else " and better" if high < 0 else ""
+        return f"equivalent within ±{margin:g}{side}"
+    if low > 0:
+        return "worse; whether beyond the margin is undecided"
+    if high < 0:
+        return "better; whether beyond the margin is undecided"
+    return "inconclusive"

@@ -216,7 +216,8 @@ def base_loss(selections: dict[str, Selection], search: RateSearch) -> float | N
     return statistics.median(values) if values else None
 
 
-def _ci(value: tuple[float, float] | None, digits: int = 4) -> str:
+def format_ci(value: tuple[float, float] | None, digits: int = 4) -> str:
+    """``mean ± half-width`` of a :func:`nlora.stats.mean_ci` pair; the mean alone for one value, "–" for none."""
     if value is None:
         return "–"
     mean, half = value
@@ -246,8 +247,8 @@ def tune_report(selections: dict[str, Selection], rows: dict[str, dict], baselin
         steps = ", ".join("never" if s is None else str(s) for s in row["steps_to_baseline"]) or "–"
         head.append(
             f"| {method} | {'–' if row['lr'] is None else format(row['lr'], 'g')} | {row['seeds']} | "
-            f"{row['collapsed']} | {_ci(row['loss'])} | {_ci(row['accuracy'])} | {diff_text} | {_p(row['p'])} | "
-            f"{_p(row.get('p_holm'))} | {steps} |"
+            f"{row['collapsed']} | {format_ci(row['loss'])} | {format_ci(row['accuracy'])} | {diff_text} | "
+            f"{_p(row['p'])} | {_p(row.get('p_holm'))} | {steps} |"
         )
     bound = "none" if math.isinf(threshold) else f"{threshold:.4f}"
     return (
