@@ -121,11 +121,11 @@ def collapse_bound(task: str, runs: dict) -> float:
     return stats.collapse_threshold(kind, num_labels, statistics.median(base) if base else None)
 
 
-def shared_rate(runs: dict, methods: list[str], lr: float, threshold: float) -> dict[str, dict]:
+def shared_rate(runs: dict, methods: list[str], lr: float, threshold: float, margin: float) -> dict[str, dict]:
     """Every method at one rate (the paper's protocol): the runs stored at ``lr``, compared with LoRA."""
     selections = {m: Selection(m, {}, {}, lr, [r for (k, rate, _), r in sorted(runs.items()) if k == m and rate == lr])
                   for m in methods}  # fmt: skip
-    return compare_selections(selections, "lora", threshold)
+    return compare_selections(selections, "lora", threshold, margin)
 
 
 def analyse(task: str, base: TrainSettings, seeds: list[int], scratch: Path, methods: list[str]) -> dict:
@@ -153,11 +153,13 @@ def analyse(task: str, base: TrainSettings, seeds: list[int], scratch: Path, met
         "threshold": threshold,
         "by_rate": {m: dict(sorted(v.items())) for m, v in sorted(by_rate.items())},
         "by_rate_validation": {m: dict(sorted(v.items())) for m, v in sorted(by_rate_validation.items())},
-        "shared": {f"{lr:g}": shared_rate(runs, METHODS, lr, threshold) for lr in (PAPER_RATE, LOWEST[task])},
+        "shared": {
+            f"{lr:g}": shared_rate(runs, METHODS, lr, threshold, MARGIN[task]) for lr in (PAPER_RATE, LOWEST[task])
+        },
         "earlier": earlier_sel,
-        "earlier_rows": compare_selections(earlier_sel, "lora", threshold),
+        "earlier_rows": compare_selections(earlier_sel, "lora", threshold, MARGIN[task]),
         "tuned": tuned_sel,
-        "tuned_rows": compare_selections(tuned_sel, "lora", threshold) if tuned_sel["lora"].runs else {},
+        "tuned_rows": compare_selections(tuned_sel, "lora", threshold, MARGIN[task]) if tuned_sel["lora"].runs else {},
         "tuned_progress": (sum("validation_loss" in r["summary"] for r in runs.values()), tuned.planned_runs()),
         "sweep": sweep,
         "detectable": stats.detectable_difference(statistics.mean(pooled), len(seeds)) if pooled else None,
@@ -249,13 +251,13 @@ def comparison_table(rows: dict[str, dict], single_seed_note: bool = True) -> st
             method, "–" if row["lr"] is None else f"{row['lr']:g}", row["seeds"], row["collapsed"],
             format_ci(row["loss"]) + (" (1 seed)" if single_seed_note and row["seeds"] == 1 else ""),
             format_ci(row["accuracy"], 3),
-            "–" if diff is None else f"{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]",
+            "–" if diff is None else f"{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]", row["reading"] or "–",
             "–" if row["p"] is None else f"{row['p']:.3g}",
             "–" if row.get("p_holm") is None else f"{row['p_holm']:.3g}",
             ", ".join("never" if s is None else str(s) for s in row["steps_to_baseline"]) or "–",
         ])  # fmt: skip
     return markdown(["method", "rate", "seeds", "collapsed", "held-out loss (mean ± 95% CI, non-collapsed)",
-                     "accuracy", "difference to LoRA [95% CI]", "Welch p", "Holm p",
+                     "accuracy", "difference to LoRA [95% CI]", "read against the margin", "Welch p", "Holm p",
                      "step reaching LoRA's final loss (per seed)"], body)  # fmt: skip
 
 
@@ -317,8 +319,8 @@ def plot_rates(analyses: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def verdict_lines(rows: dict[str, dict], margin: float, missing: str) -> list[str]:
-    """One line per method compared with LoRA: its difference CI read against the margin, Holm p, collapses, or
+def verdict_lines(rows: dict[str, dict], missing: str) -> list[str]:
+    """One line per method compared with LoRA: its difference CI read against the task's margin, Holm p, collapses, or
     ``missing`` (a comparison needs two non-collapsed seeds on both sides)."""
     lines = []
     for method, row in rows.items():
@@ -332,7 +334,7 @@ def verdict_lines(rows: dict[str, dict], margin: float, missing: str) -> list[st
         diff, low, high = row["difference"]
         lines.append(
             f"- {NAMES[method]} − LoRA = {diff:+.4f} [{low:+.4f}, {high:+.4f}] (Holm p = {row['p_holm']:.2g}; "
-            f"{row['seeds']} seeds at {row['lr']:g}{collapsed}): **{stats.read_difference(low, high, margin)}**."
+            f"{row['seeds']} seeds at {row['lr']:g}{collapsed}): **{row['reading']}**."
         )
     return lines
 
@@ -352,14 +354,14 @@ def verdict(task: str, analysis: dict) -> str:
         f"Part 1, the paper's protocol, every method at {PAPER_RATE:g} ("
         + (_baseline(shared["lora"]) if shared["lora"]["seeds"] else "LoRA not stored yet")
         + "):\n",
-        *verdict_lines(shared, margin, "not compared yet (`--protocols shared` trains it)"),
+        *verdict_lines(shared, "not compared yet (`--protocols shared` trains it)"),
     ]
     tuned = analysis["tuned_rows"]
     if tuned and analysis["tuned"]["lora"].lr is not None:
         text += [
             "\nPart 2, each method at its own rate, selected on validation rows over the seeds "
             f"({_baseline(tuned['lora'])}):\n",
-            *verdict_lines(tuned, margin, "selection not complete (`--protocols tuned` trains it)"),
+            *verdict_lines(tuned, "selection not complete (`--protocols tuned` trains it)"),
         ]
     else:
         text.append("\nPart 2, each method at its own rate selected on validation rows: LoRA's selection is not "
@@ -369,7 +371,7 @@ def verdict(task: str, analysis: dict) -> str:
             "\nUntil part 2 is complete, the first study's selection (one seed's reported loss picks the rate, and "
             "that run is part of the mean: biased towards each method; "
             f"{_baseline(analysis['earlier_rows']['lora'])}):\n",
-            *verdict_lines(analysis["earlier_rows"], margin, "not compared"),
+            *verdict_lines(analysis["earlier_rows"], "not compared"),
         ]
     return "\n".join(text) + "\n"
 

@@ -95,7 +95,7 @@ def test_compare_tune_end_to_end_and_resumes_from_its_stored_runs(tmp_path):
     out = tmp_path / "tune"
     args = ["compare", "--tune", "--model", model, "--data", data, "--output-dir", out, "--methods", "lora,nlora",
             "--seeds", "0,1", "--grid-points", "2", "--grid-extensions", "0", "--max-steps", "2", "--r", "2",
-            "--eval-fraction", "0.3", "--max-eval-samples", "6", "--eval-steps", "1"]  # fmt: skip
+            "--eval-fraction", "0.3", "--max-eval-samples", "6", "--eval-steps", "1", "--margin", "0.5"]  # fmt: skip
     rc, stdout, err = nlora(*args)
     assert rc == 0, err[-3000:]
     progress = [line for line in err.splitlines() if line.startswith("nlora: ") and "validation loss" in line]
@@ -116,6 +116,9 @@ def test_compare_tune_end_to_end_and_resumes_from_its_stored_runs(tmp_path):
         assert float(selection["lr"]) == min(means, key=means.get)  # the hand-computed selection
     text = (out / "tune.md").read_text()
     assert "difference to lora" in text and "| nlora |" in text and (out / "tune.png").stat().st_size > 0
+    nlora_row, difference = record["rows"]["nlora"], record["rows"]["nlora"]["difference"]
+    assert record["margin"] == 0.5 and "against ±0.5" in text
+    assert nlora_row["reading"] == (stats.read_difference(*difference[1:], 0.5) if difference else None)
     rc, _, err = nlora(*args)  # again: every run is read back, none trained
     assert rc == 0 and "validation loss" not in err
 
@@ -186,9 +189,17 @@ def test_the_study_verdict_reads_each_comparison_and_names_what_is_missing():
         "inttune": [fake_record(0, v) for v in (0.94, 0.95, 0.93)],
         "pissa": [fake_record(0, 0.82)],  # one seed: no interval
     }
-    rows = compare_selections({m: Selection(m, {}, {}, 1e-3, r) for m, r in runs.items()}, "lora", 1.7)
-    lines = convergence.verdict_lines(rows, 0.02, "not compared yet")
+    rows = compare_selections({m: Selection(m, {}, {}, 1e-3, r) for m, r in runs.items()}, "lora", 1.7, margin=0.02)
+    lines = convergence.verdict_lines(rows, "not compared yet")
     assert len(lines) == 3 and not any(line.startswith("- LoRA") for line in lines)
     assert lines[0].startswith("- NLoRA − LoRA = +0.0030") and "**equivalent within ±0.02 and worse**" in lines[0]
     assert "**worse, beyond the margin**" in lines[1] and "Holm p" in lines[1]
     assert lines[2] == "- PiSSA: not compared yet; 1 seed stored."
+
+
+@pytest.mark.parametrize("margin", [0.0, -0.02, math.inf, math.nan])
+def test_a_margin_that_is_no_positive_loss_difference_is_refused(margin):
+    from nlora.cli.settings import CompareSettings, SettingsError
+
+    with pytest.raises(SettingsError, match="--margin must be a positive loss difference"):
+        CompareSettings(tune=True, margin=margin).validate()

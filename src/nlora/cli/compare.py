@@ -138,9 +138,10 @@ def run_tuned_compare(base: TrainSettings, compare: CompareSettings, out_dir: st
         selections = {method: search.select(method) for method in methods}
         found = base_loss(selections, search)
         threshold = stats.collapse_threshold(base.task, base.num_labels, found)
-        rows = compare_selections(selections, compare.baseline, threshold)
-        report = tune_report(selections, rows, compare.baseline, threshold)
+        rows = compare_selections(selections, compare.baseline, threshold, compare.margin)
+        report = tune_report(selections, rows, compare.baseline, threshold, compare.margin)
         record = {"settings": base.comparable(), "baseline": compare.baseline, "collapse_threshold": threshold,
+                  "margin": compare.margin,
                   "base_loss": found, "selections": {m: dataclasses.asdict(s) for m, s in selections.items()},
                   "rows": rows}  # fmt: skip
         write_atomic(out / "tune.json", json.dumps(record, indent=1, default=str))

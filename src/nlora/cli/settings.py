@@ -283,6 +283,11 @@ class CompareSettings:
     baseline: str = field(default="lora", metadata={"help": "--tune: the method the others are compared with"})
     grid_points: int = field(default=3, metadata={"help": "--tune: half-decade rates per method (1-3-10 ladder)"})
     grid_extensions: int = field(default=1, metadata={"help": "--tune: rates added past a grid edge that wins"})
+    margin: float | None = field(
+        default=None,
+        metadata={"help": "--tune: equivalence margin in held-out loss, set before running; each difference's 95% CI "
+                  "to --baseline is then read as better, worse, equivalent within it, or inconclusive"},
+    )  # fmt: skip
 
     def validate(self) -> None:
         """The method and seed lists parse (each named once); the --tune settings are possible."""
@@ -291,6 +296,8 @@ class CompareSettings:
         if self.tune:
             if self.baseline not in methods:
                 raise SettingsError(f"--baseline {self.baseline} is not among --methods {self.methods}; add it.")
+            if self.margin is not None and not (math.isfinite(self.margin) and self.margin > 0):
+                raise SettingsError(f"--margin must be a positive loss difference, got {self.margin}.")
             if self.grid_points < 2 or self.grid_extensions < 0:
                 raise SettingsError(
                     f"--grid-points must be at least 2 and --grid-extensions at least 0, got {self.grid_points} and "

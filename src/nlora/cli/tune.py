@@ -177,9 +177,11 @@ def steps_to(run: dict, threshold: float) -> int | None:
     return next((s for s, v in sorted(eval_curve(run).items()) if v <= threshold), None)
 
 
-def compare_selections(selections: dict[str, Selection], baseline: str, threshold: float) -> dict[str, dict[str, Any]]:
-    """Per method: collapse count, mean ± CI over the non-collapsed seeds, the difference to ``baseline`` with its CI,
-    the Welch p-value Holm-corrected across the family of methods compared with the baseline, and steps to the
+def compare_selections(selections: dict[str, Selection], baseline: str, threshold: float,
+                       margin: float | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Per method: collapse count, mean ± CI over the non-collapsed seeds, the difference to ``baseline`` with its CI
+    (and, given an equivalence ``margin``, what that CI says against it: :func:`nlora.stats.read_difference`), the
+    Welch p-value Holm-corrected across the family of methods compared with the baseline, and steps to the
     baseline's final loss (mean over its non-collapsed seeds)."""
     kept = {m: [final_loss(r) for r in s.runs if not stats.collapsed(final_loss(r), threshold)]
             for m, s in selections.items()}  # fmt: skip
@@ -196,11 +198,14 @@ def compare_selections(selections: dict[str, Selection], baseline: str, threshol
             "loss": stats.mean_ci(losses) if losses else None,
             "accuracy": stats.mean_ci(accuracy) if accuracy else None,
             "difference": None,
+            "reading": None,
             "p": None,
             "steps_to_baseline": [steps_to(r, target) for r in selection.runs] if target is not None else [],
         }
         if method != baseline and baseline in kept:
             row["difference"] = stats.difference_ci(losses, kept[baseline])
+            if row["difference"] is not None and margin is not None:
+                row["reading"] = stats.read_difference(*row["difference"][1:], margin)
             pvalues[method] = stats.welch_p(losses, kept[baseline])
         rows[method] = row
     for method, p in stats.holm(pvalues).items():
@@ -228,8 +233,10 @@ def _p(value: float | None) -> str:
     return "–" if value is None else f"{value:.3g}"
 
 
-def tune_report(selections: dict[str, Selection], rows: dict[str, dict], baseline: str, threshold: float) -> str:
-    """The Markdown of a tuned comparison: the selection on validation loss, then the reported comparison."""
+def tune_report(selections: dict[str, Selection], rows: dict[str, dict], baseline: str, threshold: float,
+                margin: float | None = None) -> str:  # fmt: skip
+    """The Markdown of a tuned comparison: the selection on validation loss, then the reported comparison (with a
+    column reading each difference against the equivalence ``margin`` when one was set)."""
     grid = ["| method | validation loss by rate (first seed) | mean validation loss over seeds | selected rate |",
             "|---|---|---|---|"]  # fmt: skip
     for method, s in selections.items():
@@ -238,9 +245,10 @@ def tune_report(selections: dict[str, Selection], rows: dict[str, dict], baselin
             f"{', '.join(f'{lr:g}: {v:.4f}' for lr, v in s.candidates.items()) or '–'} | "
             f"{'–' if s.lr is None else f'{s.lr:g}'} |"
         )
+    reading = "" if margin is None else f" against ±{margin:g} |"
     head = ["| method | rate | seeds | collapsed | held-out loss (mean ± 95% CI) | accuracy | "
-            f"difference to {baseline} [95% CI] | Welch p | Holm p | step reaching {baseline}'s final loss |",
-            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            f"difference to {baseline} [95% CI] |{reading} Welch p | Holm p | step reaching {baseline}'s final loss |",
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if reading else "")]  # fmt: skip
     for method, row in rows.items():
         diff = row["difference"]
         diff_text = "–" if diff is None else f"{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]"
@@ -248,7 +256,8 @@ def tune_report(selections: dict[str, Selection], rows: dict[str, dict], baselin
         head.append(
             f"| {method} | {'–' if row['lr'] is None else format(row['lr'], 'g')} | {row['seeds']} | "
             f"{row['collapsed']} | {format_ci(row['loss'])} | {format_ci(row['accuracy'])} | {diff_text} | "
-            f"{_p(row['p'])} | {_p(row.get('p_holm'))} | {steps} |"
+            + (f"{row['reading'] or '–'} | " if reading else "")
+            + f"{_p(row['p'])} | {_p(row.get('p_holm'))} | {steps} |"
         )
     bound = "none" if math.isinf(threshold) else f"{threshold:.4f}"
     return (
