@@ -35,7 +35,16 @@ def torchrun(script: str, *args, env: dict | None = None) -> None:
         "PYTHONPATH": str(SCRIPTS.parent),
         **(env or {}),
     }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPTS / script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPTS / script),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 

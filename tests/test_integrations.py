@@ -112,8 +112,7 @@ def test_ddp_two_processes_match_one_process(tiny_dir, tmp_path):
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
-            "--master_port",
-            "29517",
+            "--standalone",  # a free port, whatever else on the machine holds one
             "-m",
             "nlora",
             "train",
