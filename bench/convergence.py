@@ -34,7 +34,7 @@ from common import DOCS, RESULTS, machine, markdown, update_section, write_resul
 
 from nlora import stats
 from nlora.cli.settings import TrainSettings, recorded_settings
-from nlora.cli.tune import RateSearch, Selection, compare_selections, eval_curve, format_ci
+from nlora.cli.tune import RateSearch, Selection, centred_grid, compare_selections, eval_curve, format_ci
 
 warnings.filterwarnings("ignore")
 METHODS = ["lora", "pissa", "slora", "nlora-reference", "nlora", "inttune"]
@@ -59,7 +59,13 @@ EXTRA_SEED_METHODS = ("lora", "nlora")
 MARGIN = {"math": 0.02, "sentiment": 0.05}
 NAMES = {"lora": "LoRA", "pissa": "PiSSA", "slora": "SLoRA", "nlora-reference": "the authors' init", "nlora": "NLoRA",
          "inttune": "IntTune"}  # fmt: skip
-GRID_POINTS = 3  # nlora compare --tune's default: 3 half-decade points, extended once past a winning edge
+GRID_POINTS = 3  # nlora compare --tune's default
+# the tuned view's grid centres: nlora.rates' recommended rates when its first run was stored (the first study's
+# seed-0 selection), pinned so that updating the product's rates from this study leaves its grids where they are
+TUNED_CENTRES = {
+    "math": {"lora": 3e-3, "pissa": 1e-3, "slora": 3e-3, "nlora-reference": 1e-2, "nlora": 3e-4, "inttune": 1e-1},
+    "sentiment": {"lora": 3e-3, "pissa": 3e-4, "slora": 1e-3, "nlora-reference": 3e-3, "nlora": 3e-4, "inttune": 3e-2},
+}  # fmt: skip: 3 half-decade points, extended once past a winning edge
 
 
 def task_settings(task: str, steps: int, tiny_model: str | None = None, tiny_data: str | None = None) -> TrainSettings:
@@ -103,7 +109,8 @@ def search(task: str, base: TrainSettings, seeds: list[int], scratch: Path, trai
     if protocol == "earlier":
         return RateSearch(base, methods, seeds, store, scratch, grids=LR_GRID[task], extensions=EARLIER_EXTENSIONS,
                           train=False, metric="after_loss", top=1)  # fmt: skip
-    return RateSearch(base, methods, seeds, store, scratch, points=GRID_POINTS, extensions=1, train=train,
+    grids = {m: centred_grid(TUNED_CENTRES[task][m], GRID_POINTS) for m in METHODS}
+    return RateSearch(base, methods, seeds, store, scratch, grids=grids, extensions=1, train=train,
                       progress=lambda line: print(line, flush=True))  # fmt: skip
 
 
