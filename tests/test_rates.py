@@ -1,31 +1,47 @@
-"""The recommended learning rates are what the stored study runs say: each one is re-derived here from them."""
+"""The recommended learning rates are what the stored study runs say: each one is re-derived here from them, with the
+study's own selection (bench/convergence.py): on validation rows over three seeds where that view is complete,
+else the first study's seed-0 grid."""
 
-import json
-import re
+import sys
 from pathlib import Path
 
 import pytest
 
-from nlora.rates import RECOMMENDED_LEARNING_RATES, rate_spread, recommended_learning_rate
+from nlora.rates import RECOMMENDED_LEARNING_RATES, SELECTED_ON_VALIDATION, rate_spread, recommended_learning_rate
 
-RUNS = Path(__file__).parent.parent / "docs" / "bench-results" / "runs"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import convergence  # noqa: E402
+
 TASKS = {"sft": "math", "classification": "sentiment"}
-# a grid point of the default recipe: no init-variant suffix (runs of an older Nyström default keep theirs)
-GRID_POINT = re.compile(r"^(?P<method>[a-z-]+)-r8-lr(?P<lr>[0-9.e-]+)-seed0-steps\d+\.json$")
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_every_recommended_rate_is_the_best_of_its_stored_grid(task):
-    finals: dict[str, dict[float, float]] = {}
-    for path in (RUNS / TASKS[task]).glob("*.json"):
-        match = GRID_POINT.match(path.name)
-        if match:
-            summary = json.loads(path.read_text())["summary"]
-            finals.setdefault(match["method"], {})[float(match["lr"])] = summary["after_loss"]
-    assert finals.keys() == RECOMMENDED_LEARNING_RATES.keys()
-    for method, grid in finals.items():
-        assert len(grid) >= 3, (method, grid)
-        assert recommended_learning_rate(method, task) == min(grid, key=grid.get), (method, grid)
+def test_every_recommended_rate_is_the_studys_selection_from_its_stored_runs(task, tmp_path):
+    name = TASKS[task]
+    base = convergence.task_settings(name, convergence.BUDGET[name])
+    seeds = [0, 1, 2]
+    tuned = convergence.search(name, base, seeds, tmp_path, False, convergence.METHODS, "tuned")
+    earlier = convergence.search(name, base, seeds, tmp_path, False, convergence.METHODS, "earlier")
+    assert set(convergence.METHODS) == RECOMMENDED_LEARNING_RATES.keys()
+    for method in convergence.METHODS:
+        validated = tuned.select(method).lr
+        first = earlier.select(method)
+        assert len(first.seed0_validation) >= 3, (method, first.seed0_validation)  # a grid, not one rate
+        assert ((method, task) in SELECTED_ON_VALIDATION) == (validated is not None), method
+        assert recommended_learning_rate(method, task) == (validated or first.lr), (method, validated, first.lr)
+
+
+def test_the_rate_table_in_the_cli_guide_is_the_code_and_bolds_the_validated_rates():
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    found = {}
+    for line in guide.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].strip("`") in RECOMMENDED_LEARNING_RATES:
+            for task, cell in zip(TASKS, cells[1:]):
+                found[(cells[0].strip("`"), task)] = (float(cell.strip("*")), cell.startswith("**"))
+    expected = {(m, t): (rate, (m, t) in SELECTED_ON_VALIDATION)
+                for m, rates in RECOMMENDED_LEARNING_RATES.items() for t, rate in rates.items()}  # fmt: skip
+    assert found == expected
 
 
 def test_spread_and_unknown_method():
