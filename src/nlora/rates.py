@@ -28,7 +28,7 @@ RECOMMENDED_LEARNING_RATES: dict[str, dict[str, float]] = {
 
 
 # (method, task) pairs whose rate the study's tuned view selected on validation rows over three seeds
-SELECTED_ON_VALIDATION: set[tuple[str, str]] = {("lora", "sft")}
+SELECTED_ON_VALIDATION: set[tuple[str, str]] = {("lora", "sft"), ("nlora", "sft")}
 
 
 def rate_evidence(method: str, task: str = "sft") -> str:
