@@ -135,6 +135,16 @@ def shared_rate(runs: dict, methods: list[str], lr: float, threshold: float, mar
     return compare_selections(selections, "lora", threshold, margin)
 
 
+def detectable(selections: dict[str, Selection]) -> tuple[int, float] | None:
+    """(n, d): with n seeds each (the fewer of LoRA's and NLoRA's) and their mean seed spread, the smallest true
+    difference a two-sided test at 0.05 finds with 80% power; None without two seeds on both."""
+    runs = [selections[m].runs for m in ("lora", "nlora")]
+    if min(len(r) for r in runs) < 2:
+        return None
+    n = min(len(r) for r in runs)
+    return n, stats.detectable_difference(statistics.mean(statistics.stdev(final(r)) for r in runs), n)
+
+
 def analyse(task: str, base: TrainSettings, seeds: list[int], scratch: Path, methods: list[str]) -> dict:
     """Everything the report states, from the stored runs alone."""
     runs = stored_runs(task, base)
@@ -154,8 +164,6 @@ def analyse(task: str, base: TrainSettings, seeds: list[int], scratch: Path, met
         found = [x for s in (seeds if r == base.r else [0]) if (x := earlier.run("inttune", best, s, r)) is not None]
         if found:
             sweep.append({"r": r, "lr": best, "runs": found})
-    comparable = [m for m in ("lora", "nlora") if earlier_sel[m].runs]
-    pooled = [statistics.stdev(final(earlier_sel[m].runs)) for m in comparable if len(earlier_sel[m].runs) > 1]
     return {
         "threshold": threshold,
         "by_rate": {m: dict(sorted(v.items())) for m, v in sorted(by_rate.items())},
@@ -169,7 +177,8 @@ def analyse(task: str, base: TrainSettings, seeds: list[int], scratch: Path, met
         "tuned_rows": compare_selections(tuned_sel, "lora", threshold, MARGIN[task]) if tuned_sel["lora"].runs else {},
         "tuned_progress": (sum("validation_loss" in r["summary"] for r in runs.values()), tuned.planned_runs()),
         "sweep": sweep,
-        "detectable": stats.detectable_difference(statistics.mean(pooled), len(seeds)) if pooled else None,
+        "detectable": detectable(earlier_sel),
+        "detectable_tuned": detectable(tuned_sel),
         "rows": [{"method": m, "best_lr": s.lr, "runs": s.runs} for m, s in earlier_sel.items()],  # for the plot
     }
 
@@ -383,6 +392,14 @@ def verdict(task: str, analysis: dict) -> str:
     return "\n".join(text) + "\n"
 
 
+def power_line(found: tuple[int, float] | None) -> str:
+    if found is None:
+        return ""
+    n, d = found
+    return (f"\nWith {n} seeds each and the LoRA/NLoRA seed spread, the smallest true difference a two-sided test at "
+            f"0.05 finds with 80% power is about {d:.4f}.\n")  # fmt: skip
+
+
 def report(task: str, analysis: dict, budget: int) -> str:
     threshold = analysis["threshold"]
     bound = f"final loss ≥ {threshold:.4f}" if math.isfinite(threshold) else "none yet (the base loss is not stored)"
@@ -396,9 +413,7 @@ def report(task: str, analysis: dict, budget: int) -> str:
     text.append("\nEach method at its own rate, selected on seed 0's reported loss (the first study's protocol; the "
                 "selected run is part of the mean):\n")  # fmt: skip
     text.append(comparison_table(analysis["earlier_rows"]))
-    if analysis["detectable"] is not None:
-        text.append(f"\nWith 3 seeds and the LoRA/NLoRA seed spread, the smallest true difference a two-sided test at "
-                    f"0.05 finds with 80% power is about {analysis['detectable']:.4f}.\n")  # fmt: skip
+    text.append(power_line(analysis["detectable"]))
     done, planned = analysis["tuned_progress"]
     text.append(
         f"\nEach method at its own rate, selected on the validation slice over the seeds (`nlora compare "
@@ -412,6 +427,7 @@ def report(task: str, analysis: dict, budget: int) -> str:
         added = f"; seeds {extra} added at LoRA's and NLoRA's selected rates, after the selection" if extra else ""
         text.append(f"\nAt the selected rates (held-out loss on the reported rows{added}):\n")
         text.append(comparison_table(analysis["tuned_rows"]))
+        text.append(power_line(analysis["detectable_tuned"]))
     if analysis["sweep"]:
         lora = analysis["earlier_rows"]["lora"]
         body = [["lora", 8, lora["seeds"], format_ci(lora["loss"])]]
