@@ -413,6 +413,8 @@ class Parser(HfArgumentParser):
             flag = next((o for o in action.option_strings if o.startswith("--no_")), None)
             if flag is not None:
                 action.help = f"turn off --{flag.removeprefix('--no_').replace('_', '-')}"
+            elif action.help and "%(" not in action.help:  # argparse %-formats help: "95% CI" would break --help
+                action.help = action.help.replace("%", "%%")
 
     def error(self, message: str):
         message = re.sub(r"--\w+/(--[\w-]+)", r"\1", message)  # "--max_steps/--max-steps" -> "--max-steps"
