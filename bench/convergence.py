@@ -335,9 +335,10 @@ def plot_rates(analyses: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def verdict_lines(rows: dict[str, dict], missing: str) -> list[str]:
-    """One line per method compared with LoRA: its difference CI read against the task's margin, Holm p, collapses, or
-    ``missing`` (a comparison needs two non-collapsed seeds on both sides)."""
+def verdict_lines(rows: dict[str, dict], missing: str, planned: int = 3) -> list[str]:
+    """One line per method compared with LoRA: its difference CI read against the task's margin, Holm p, collapses;
+    or why there is no interval yet: ``missing`` while fewer than ``planned`` seeds are stored, else the collapses
+    (an interval needs two non-collapsed seeds on both sides)."""
     lines = []
     for method, row in rows.items():
         if method == "lora":
@@ -345,7 +346,8 @@ def verdict_lines(rows: dict[str, dict], missing: str) -> list[str]:
         collapsed = f"; {row['collapsed']} of {row['seeds']} seeds collapsed" if row["collapsed"] else ""
         if row["difference"] is None:
             have = f"; {row['seeds']} seed{'s' if row['seeds'] != 1 else ''} stored" if row["seeds"] else ""
-            lines.append(f"- {NAMES[method]}: {missing}{have}{collapsed}.")
+            why = missing if row["seeds"] < planned else "no interval: fewer than two seeds below the collapse bound"
+            lines.append(f"- {NAMES[method]}: {why}{have}{collapsed}.")
             continue
         diff, low, high = row["difference"]
         lines.append(

@@ -188,13 +188,17 @@ def test_the_study_verdict_reads_each_comparison_and_names_what_is_missing():
         "nlora": [fake_record(0, v) for v in (0.803, 0.804, 0.805)],
         "inttune": [fake_record(0, v) for v in (0.94, 0.95, 0.93)],
         "pissa": [fake_record(0, 0.82)],  # one seed: no interval
+        "slora": [fake_record(0, v) for v in (1.8, 1.9, 0.81)],  # two of three collapsed (not below 1.7)
     }
     rows = compare_selections({m: Selection(m, {}, {}, 1e-3, r) for m, r in runs.items()}, "lora", 1.7, margin=0.02)
     lines = convergence.verdict_lines(rows, "not compared yet")
-    assert len(lines) == 3 and not any(line.startswith("- LoRA") for line in lines)
+    assert len(lines) == 4 and not any(line.startswith("- LoRA") for line in lines)
     assert lines[0].startswith("- NLoRA − LoRA = +0.0030") and "**equivalent within ±0.02 and worse**" in lines[0]
     assert "**worse, beyond the margin**" in lines[1] and "Holm p" in lines[1]
     assert lines[2] == "- PiSSA: not compared yet; 1 seed stored."
+    assert lines[3] == (
+        "- SLoRA: no interval: fewer than two seeds below the collapse bound; 3 seeds stored; 2 of 3 seeds collapsed."
+    )
 
 
 @pytest.mark.parametrize("margin", [0.0, -0.02, math.inf, math.nan])
