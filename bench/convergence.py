@@ -346,6 +346,7 @@ def verdict_lines(rows: dict[str, dict], missing: str, planned: int = 3) -> list
         collapsed = f"; {row['collapsed']} of {row['seeds']} seeds collapsed" if row["collapsed"] else ""
         if row["difference"] is None:
             have = f"; {row['seeds']} seed{'s' if row['seeds'] != 1 else ''} stored" if row["seeds"] else ""
+            have += f" (held-out loss {format_ci(row['loss'])})" if row["loss"] else ""
             why = missing if row["seeds"] < planned else "no interval: fewer than two seeds below the collapse bound"
             lines.append(f"- {NAMES[method]}: {why}{have}{collapsed}.")
             continue

@@ -195,9 +195,10 @@ def test_the_study_verdict_reads_each_comparison_and_names_what_is_missing():
     assert len(lines) == 4 and not any(line.startswith("- LoRA") for line in lines)
     assert lines[0].startswith("- NLoRA − LoRA = +0.0030") and "**equivalent within ±0.02 and worse**" in lines[0]
     assert "**worse, beyond the margin**" in lines[1] and "Holm p" in lines[1]
-    assert lines[2] == "- PiSSA: not compared yet; 1 seed stored."
+    assert lines[2] == "- PiSSA: not compared yet; 1 seed stored (held-out loss 0.8200)."
     assert lines[3] == (
-        "- SLoRA: no interval: fewer than two seeds below the collapse bound; 3 seeds stored; 2 of 3 seeds collapsed."
+        "- SLoRA: no interval: fewer than two seeds below the collapse bound; 3 seeds stored (held-out loss 0.8100); "
+        "2 of 3 seeds collapsed."
     )
 
 
