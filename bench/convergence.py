@@ -1,6 +1,6 @@
 """Benchmark 3: convergence of LoRA, PiSSA, SLoRA, nlora_reference, NLoRA and IntTune under one recipe.
 
-Run:  python bench/convergence.py --tasks math --methods lora,nlora   (SmolLM2-135M, 150 steps of batch 4; ~7 min a
+Run:  python bench/convergence.py --tasks math --methods lora,nlora   (SmolLM2-135M, 150 steps of batch 4; 9-11 min a
                                                                       run on an idle 2-core CPU)
       python bench/convergence.py --tasks sentiment                   (MiniLM, 300 steps of batch 16; ~11 min a run)
       python bench/convergence.py --report-only                       (every table and plot from the stored runs)
