@@ -344,6 +344,8 @@ def verdict_lines(rows: dict[str, dict], missing: str, planned: int = 3) -> list
         if method == "lora":
             continue
         collapsed = f"; {row['collapsed']} of {row['seeds']} seeds collapsed" if row["collapsed"] else ""
+        if row["collapsed"] and row.get("before_loss") is not None:
+            collapsed += f" (step-0 loss {row['before_loss']:.3g})"
         if row["difference"] is None:
             have = f"; {row['seeds']} seed{'s' if row['seeds'] != 1 else ''} stored" if row["seeds"] else ""
             have += f" (held-out loss {format_ci(row['loss'])})" if row["loss"] else ""
@@ -356,6 +358,68 @@ def verdict_lines(rows: dict[str, dict], missing: str, planned: int = 3) -> list
             f"{row['seeds']} seeds at {row['lr']:g}{collapsed}): **{row['reading']}**."
         )
     return lines
+
+
+def _in_brief(rows: dict[str, dict], waiting_for: str) -> str:
+    """Each method's difference to LoRA in a few words (NLoRA first), for the Headlines; ``waiting_for`` says what the
+    methods without an interval wait for."""
+    said, waiting = [], []
+    for method in sorted((m for m in rows if m != "lora"), key=lambda m: m != "nlora"):
+        row = rows[method]
+        if row["difference"] is not None:
+            diff, low, high = row["difference"]
+            collapsed = f", {row['collapsed']} collapsed" if row["collapsed"] else ""
+            rate = f" at {row['lr']:g}" if row["lr"] != rows["lora"]["lr"] else ""
+            said.append(f"{NAMES[method]} {diff:+.3f} [{low:+.3f}, {high:+.3f}] ({row['reading']}; "
+                        f"{row['seeds']} seeds{rate}{collapsed})")  # fmt: skip
+        elif row["seeds"] > 1 and row["collapsed"] >= row["seeds"] - 1:
+            start = f", starting from {row['before_loss']:.3g}" if row.get("before_loss") is not None else ""
+            said.append(f"{NAMES[method]} collapsed in {row['collapsed']} of {row['seeds']} seeds{start}")
+        else:
+            waiting.append(NAMES[method])
+    if waiting:
+        said.append(f"{', '.join(waiting)}: {waiting_for}")
+    return "; ".join(said)
+
+
+def _lora(row: dict) -> str:
+    return f"LoRA {format_ci(row['loss'])} ({row['seeds']} seeds)"
+
+
+def headline(analyses: dict[str, dict]) -> str:
+    """The Headlines bullet: both halves of every task's verdict, from the stored runs."""
+    text = [
+        "- Convergence under one recipe (written by `python bench/convergence.py --report-only` from the stored runs, "
+        "[§3](#3-convergence-under-one-recipe)): difference to LoRA in final held-out loss, 95% CI, below 0 is better, "
+        "read against an equivalence margin set before the runs. Why one shared rate decides the winner: a residual "
+        "init's first step is a much larger step at the same rate (§3's first-step table)."
+    ]
+    for task, analysis in analyses.items():
+        shared = analysis["shared"][f"{PAPER_RATE:g}"]
+        part1 = "not run yet"
+        if shared["lora"]["seeds"]:
+            part1 = f"{_lora(shared['lora'])}; {_in_brief(shared, 'runs still to come')}"
+        tuned, part2 = analysis["tuned_rows"], "LoRA's selection not complete yet"
+        if tuned and analysis["tuned"]["lora"].lr is not None:
+            waiting = "selection still running (§3 reads the first study's biased selection meanwhile)"
+            part2 = f"{_lora(tuned['lora'])} at {tuned['lora']['lr']:g}; {_in_brief(tuned, waiting)}"
+        text.append(
+            f"  - **{task}** (margin ±{MARGIN[task]:g}). *The paper's protocol*, every method at {PAPER_RATE:g}: "
+            f"{part1}. *Each method at its own rate*, selected on validation rows over the seeds: {part2}."
+        )
+    return "\n".join(text)
+
+
+def selected_on_validation(selections: dict[str, Selection]) -> str:
+    """How part 2 chose each rate: the two candidates' mean validation loss over the seeds."""
+    said = []
+    for method, s in selections.items():
+        if s.lr is None or not s.candidates:
+            continue
+        other = ", ".join(f"{v:.3f} at {lr:g}" for lr, v in sorted(s.candidates.items()) if lr != s.lr)
+        said.append(f"{NAMES[method]} {s.lr:g} (mean validation loss {s.candidates[s.lr]:.3f}"
+                    + (f" against {other})" if other else ")"))  # fmt: skip
+    return "Selected on validation rows: " + "; ".join(said) + "." if said else ""
 
 
 def _baseline(row: dict) -> str:
@@ -381,6 +445,7 @@ def verdict(task: str, analysis: dict) -> str:
             "\nPart 2, each method at its own rate, selected on validation rows over the seeds "
             f"({_baseline(tuned['lora'])}):\n",
             *verdict_lines(tuned, "selection not complete (`--protocols tuned` trains it)"),
+            "\n" + selected_on_validation(analysis["tuned"]),
         ]
     else:
         text.append("\nPart 2, each method at its own rate selected on validation rows: LoRA's selection is not "
@@ -477,6 +542,7 @@ def main() -> None:
         return
     plot(analyses, DOCS / "convergence.png")
     plot_rates(analyses, DOCS / "convergence_rates.png")
+    update_section("convergence-headline", headline(analyses))
     body = "\n".join(report(task, a, budgets[task]) for task, a in analyses.items())
     update_section(
         "convergence",

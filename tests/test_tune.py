@@ -1,8 +1,11 @@
 """The comparison protocol (``nlora compare --tune``, ``bench/convergence.py``): selection on validation loss, the
 statistics against hand-computed values, and one tiny end-to-end run that resumes from its stored runs."""
 
+import importlib
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -11,6 +14,13 @@ from hypothesis import strategies as st
 from nlora import stats
 from nlora.cli.settings import TrainSettings
 from nlora.cli.tune import RateSearch, Selection, centred_grid, compare_selections, ladder
+
+
+@pytest.fixture(scope="module")
+def convergence():
+    """The study's script (bench/convergence.py), whose report is tested here on tiny studies."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    return importlib.import_module("convergence")
 
 
 def test_the_ladder_and_the_centred_grid():
@@ -176,19 +186,13 @@ def test_every_difference_ci_gets_the_one_reading_its_interval_supports(low, wid
     assert ("better" in reading) == (high < 0) and ("worse" in reading) == (low > 0)
 
 
-def test_the_study_verdict_reads_each_comparison_and_names_what_is_missing():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import convergence
-
+def test_the_study_verdict_reads_each_comparison_and_names_what_is_missing(convergence):
     runs = {
         "lora": [fake_record(0, v) for v in (0.800, 0.801, 0.802)],
         "nlora": [fake_record(0, v) for v in (0.803, 0.804, 0.805)],
         "inttune": [fake_record(0, v) for v in (0.94, 0.95, 0.93)],
         "pissa": [fake_record(0, 0.82)],  # one seed: no interval
-        "slora": [fake_record(0, v) for v in (1.8, 1.9, 0.81)],  # two of three collapsed (not below 1.7)
+        "slora": [fake_record(0, v, before=6.75) for v in (1.8, 1.9, 0.81)],  # two of three collapsed (≥ 1.7)
     }
     rows = compare_selections({m: Selection(m, {}, {}, 1e-3, r) for m, r in runs.items()}, "lora", 1.7, margin=0.02)
     lines = convergence.verdict_lines(rows, "not compared yet")
@@ -198,8 +202,25 @@ def test_the_study_verdict_reads_each_comparison_and_names_what_is_missing():
     assert lines[2] == "- PiSSA: not compared yet; 1 seed stored (held-out loss 0.8200)."
     assert lines[3] == (
         "- SLoRA: no interval: fewer than two seeds below the collapse bound; 3 seeds stored (held-out loss 0.8100); "
-        "2 of 3 seeds collapsed."
+        "2 of 3 seeds collapsed (step-0 loss 6.75)."
     )
+
+    # the Headlines bullet: both parts per task, LoRA's own loss, every method's reading or why it has none
+    tuned = {"lora": Selection("lora", {}, {}, None, [])}
+    bullet = convergence.headline({"math": {"shared": {"0.0002": rows}, "tuned_rows": {}, "tuned": tuned}})
+    task = bullet.splitlines()[1]
+    assert "LoRA 0.8010 ± 0.0025 (3 seeds); NLoRA +0.003 [" in task and "(equivalent within ±0.02 and worse; 3 " in task
+    assert "SLoRA collapsed in 2 of 3 seeds, starting from 6.75" in task and "PiSSA: runs still to come" in task
+    assert task.index("NLoRA") < task.index("IntTune") and task.endswith("LoRA's selection not complete yet.")
+
+
+def test_the_study_says_how_each_rate_was_selected(convergence):
+    selections = {"lora": Selection("lora", {}, {1e-3: 0.925, 3e-3: 0.889}, 3e-3, []),
+                  "pissa": Selection("pissa", {1e-3: 0.9}, {}, None, [])}  # fmt: skip
+    assert convergence.selected_on_validation(selections) == (
+        "Selected on validation rows: LoRA 0.003 (mean validation loss 0.889 against 0.925 at 0.001)."
+    )
+    assert convergence.selected_on_validation({"pissa": selections["pissa"]}) == ""
 
 
 @pytest.mark.parametrize("margin", [0.0, -0.02, math.inf, math.nan])

@@ -181,8 +181,8 @@ def compare_selections(selections: dict[str, Selection], baseline: str, threshol
                        margin: float | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Per method: collapse count, mean ± CI over the non-collapsed seeds, the difference to ``baseline`` with its CI
     (and, given an equivalence ``margin``, what that CI says against it: :func:`nlora.stats.read_difference`), the
-    Welch p-value Holm-corrected across the family of methods compared with the baseline, and steps to the
-    baseline's final loss (mean over its non-collapsed seeds)."""
+    Welch p-value Holm-corrected across the family of methods compared with the baseline, steps to the baseline's
+    final loss (mean over its non-collapsed seeds) and the mean step-0 loss where the runs stored it."""
     kept = {m: [final_loss(r) for r in s.runs if not stats.collapsed(final_loss(r), threshold)]
             for m, s in selections.items()}  # fmt: skip
     target = statistics.mean(kept[baseline]) if kept.get(baseline) else None
@@ -191,12 +191,14 @@ def compare_selections(selections: dict[str, Selection], baseline: str, threshol
         losses = kept[method]
         accuracy = [r["summary"]["after_accuracy"] for r in selection.runs
                     if "after_accuracy" in r["summary"] and not stats.collapsed(final_loss(r), threshold)]  # fmt: skip
+        before = [r["summary"]["before_loss"] for r in selection.runs if "before_loss" in r["summary"]]
         row = {
             "lr": selection.lr,
             "seeds": len(selection.runs),
             "collapsed": len(selection.runs) - len(losses),
             "loss": stats.mean_ci(losses) if losses else None,
             "accuracy": stats.mean_ci(accuracy) if accuracy else None,
+            "before_loss": statistics.mean(before) if before else None,  # step 0: the init's own change
             "difference": None,
             "reading": None,
             "p": None,
