@@ -179,7 +179,9 @@ def analyse(task: str, base: TrainSettings, seeds: list[int], scratch: Path, met
         "sweep": sweep,
         "detectable": detectable(earlier_sel),
         "detectable_tuned": detectable(tuned_sel),
-        "rows": [{"method": m, "best_lr": s.lr, "runs": s.runs} for m, s in earlier_sel.items()],  # for the plot
+        "shared_runs": {
+            m: [r for (k, lr, _), r in sorted(runs.items()) if k == m and lr == PAPER_RATE] for m in METHODS
+        },  # for the plot
     }
 
 
@@ -217,41 +219,65 @@ def zoom_window(means: dict[str, dict[int, float]]) -> tuple[tuple[float, float]
     return (last / 2 - last / 40, last + last / 40), (min(values) - pad, max(values) + pad)
 
 
+def own_rate_runs(analysis: dict) -> dict[str, tuple[str, list[dict]]]:
+    """Each method's runs at its own rate, with how that rate was chosen: the validation selection where it is
+    complete, else the first study's seed-0 selection."""
+    chosen = {}
+    for method in METHODS:
+        tuned, earlier = analysis["tuned"][method], analysis["earlier"][method]
+        selection, how = (tuned, "validated") if tuned.lr is not None else (earlier, "first study")
+        if selection.lr is not None and selection.runs:
+            chosen[method] = (f"lr {selection.lr:g}, {how}", selection.runs)
+    return chosen
+
+
+def _draw_curves(axes: list, runs: dict[str, tuple[str, list[dict]]]) -> dict[str, dict[int, float]]:
+    """Mean held-out loss curve per method (band: min-max over its seeds) on each of ``axes``, one colour per method
+    in every panel; returns the means."""
+    means = {}
+    for method, (label, found) in runs.items():
+        curves = [eval_curve(r) for r in found]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        values = [[c[s] for c in curves] for s in steps]
+        means[method] = dict(zip(steps, map(statistics.mean, values)))
+        colour = f"C{METHODS.index(method)}"
+        for ax in axes:
+            ax.plot(steps, means[method].values(), marker=".", color=colour,
+                    label=f"{method} ({label}, n={len(curves)})")  # fmt: skip
+            if len(curves) > 1:
+                ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.15, color=colour)
+    return means
+
+
 def plot(analyses: dict[str, dict], path: Path) -> None:
+    """Held-out loss curves per task: every method at the paper's shared rate; each at its own rate; and the second
+    half of the latter, zoomed on the better half of the methods (whose final losses differ by less than the whole
+    curves' scale can show)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # top row: whole curves; bottom row: the second half, zoomed on the better half of the methods, whose final
-    # losses differ by less than the top row's scale can show
-    fig, axes = plt.subplots(2, len(analyses), figsize=(6.5 * len(analyses), 8.4), squeeze=False)
+    fig, axes = plt.subplots(3, len(analyses), figsize=(6.5 * len(analyses), 12.6), squeeze=False)
     for column, (task, analysis) in enumerate(analyses.items()):
-        means = {}
-        for row in analysis["rows"]:
-            curves = [eval_curve(r) for r in row["runs"]]
-            if not curves:
-                continue
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
-            values = [[c[s] for c in curves] for s in steps]
-            means[row["method"]] = dict(zip(steps, map(statistics.mean, values)))
-            for ax in axes[:, column]:
-                line = ax.plot(steps, means[row["method"]].values(), marker=".",
-                               label=f"{row['method']} (lr {row['best_lr']:g}, n={len(curves)})")  # fmt: skip
-                if len(curves) > 1:
-                    ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.15,
-                                    color=line[0].get_color())  # fmt: skip
-        top, zoom = axes[:, column]
-        top.set_title(f"{task}: held-out loss (mean; band: min-max over seeds)")
+        shared, own, zoom = axes[:, column]
+        at_shared = {m: (f"lr {PAPER_RATE:g}", r) for m, r in analysis["shared_runs"].items() if r}
+        _draw_curves([shared], at_shared)
+        means = _draw_curves([own, zoom], own_rate_runs(analysis))
+        shared.set_title(f"{task}: every method at the paper's rate {PAPER_RATE:g} (mean; band: min-max)")
+        own.set_title(f"{task}: each method at its own rate (mean; band: min-max over seeds)")
+        zoom.set_title(f"{task}: own rates, second half, zoomed on the better half")
         if means:
             xlim, ylim = zoom_window(means)
             zoom.set_xlim(*xlim)
             zoom.set_ylim(*ylim)
-        zoom.set_title(f"{task}: second half, zoomed on the better half of the methods")
-        top.legend(fontsize=8)  # the zoom below shares its colours
-        for ax in (top, zoom):
+        for ax in (shared, own, zoom):
             ax.set_xlabel("step")
+            ax.set_ylabel("held-out loss")
             ax.grid(alpha=0.3)
+        for ax in (shared, own):  # the zoom shares the colours of the panel above it
+            if ax.lines:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -531,7 +557,7 @@ def main() -> None:
         if not args.report_only and task in trained:
             train(task, base, seeds, Path(args.out) / task, methods, args.protocols.split(","))
         analyses[task] = analyse(task, base, seeds, Path(args.out) / task, methods)
-    slim = {t: {k: v for k, v in a.items() if k not in ("earlier", "tuned", "rows", "sweep")}
+    slim = {t: {k: v for k, v in a.items() if k not in ("earlier", "tuned", "shared_runs", "sweep")}
             | {"selected": {m: s.lr for m, s in a["earlier"].items()},
                "tuned_selected": {m: s.lr for m, s in a["tuned"].items()},
                "sweep": [{"r": s["r"], "lr": s["lr"], "heldout_loss": final(s["runs"])} for s in a["sweep"]]}
@@ -549,7 +575,7 @@ def main() -> None:
         f"Command: `python bench/convergence.py --report-only` (rebuilds every table and both plots from the stored "
         f"runs in `docs/bench-results/runs/`) · machine: {payload['machine']}\n\n"
         f"{body}\n\n![final held-out loss against learning rate](convergence_rates.png)\n\n"
-        f"![held-out loss curves at the first study's selected rates](convergence.png)",
+        f"![held-out loss curves at the paper's shared rate and at each method's own rate](convergence.png)",
     )
 
 

@@ -229,3 +229,15 @@ def test_a_margin_that_is_no_positive_loss_difference_is_refused(margin):
 
     with pytest.raises(SettingsError, match="--margin must be a positive loss difference"):
         CompareSettings(tune=True, margin=margin).validate()
+
+
+def test_the_study_plots_each_method_at_its_validated_rate_where_there_is_one(convergence, tmp_path):
+    curve = [(15, 1.2), (30, 1.0)]
+    runs = {m: [fake_record(0, 0.9, curve=curve)] for m in convergence.METHODS}
+    tuned = {m: Selection(m, {}, {}, 3e-3 if m == "lora" else None, runs[m] if m == "lora" else []) for m in runs}
+    earlier = {m: Selection(m, {}, {}, 1e-3, runs[m]) for m in runs}
+    analysis = {"tuned": tuned, "earlier": earlier, "shared_runs": runs}
+    chosen = convergence.own_rate_runs(analysis)
+    assert chosen["lora"][0] == "lr 0.003, validated" and chosen["nlora"][0] == "lr 0.001, first study"
+    convergence.plot({"math": analysis}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
