@@ -120,6 +120,20 @@ def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
     assert json.loads((cut / "summary.json").read_text())["steps"] == 6
 
 
+@pytest.mark.parametrize("measure", [("--eval-before", "true"), ("--eval-steps", "1")])
+def test_measuring_held_out_loss_does_not_change_the_training_of_a_seed(tiny, tmp_path, measure):
+    # dropout draws from the global RNG; an evaluation must not move it (it did: a DataLoader iterator takes one
+    # draw), or evaluating before or during training would train another model than the same seed without it
+    runs = {}
+    for name, flags in (("measured", measure), ("unmeasured", ("--eval-before", "false"))):
+        out = tmp_path / name
+        assert main(base_args(tiny, out, "--lora-dropout", "0.3", "--save-steps", "0", *flags)) == 0
+        losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        runs[name] = losses, load_file(out / "adapter" / "adapter_model.safetensors")
+    assert runs["measured"][0] == runs["unmeasured"][0] and len(runs["measured"][0]) == 4
+    assert all(torch.equal(runs["measured"][1][k], runs["unmeasured"][1][k]) for k in runs["measured"][1])
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny, tmp_path):
     out = tmp_path / "int"
     args = base_args(tiny, out, "--max-steps", "400", "--save-steps", "0", "--eval-before", "false")

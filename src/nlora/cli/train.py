@@ -150,9 +150,10 @@ def _checkpointing_argument() -> str:
 
 def build_trainer(settings: TrainSettings, model, tokenizer, train_set, eval_set, callbacks):
     import torch
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, TrainingArguments
 
     from .metrics import classification_metrics
+    from .trainer import SeedFaithfulTrainer
 
     if settings.task == "sft":
         collator, compute_metrics = DataCollatorForSeq2Seq(tokenizer, padding=True), None
@@ -187,7 +188,7 @@ def build_trainer(settings: TrainSettings, model, tokenizer, train_set, eval_set
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),  # also makes multi-process CPU runs use DDP (gloo)
     )
-    return Trainer(
+    return SeedFaithfulTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
