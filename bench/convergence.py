@@ -101,13 +101,22 @@ def stored_runs(task: str, base: TrainSettings) -> dict[tuple[str, float, int], 
     return runs
 
 
+class FirstStudy(RateSearch):
+    """The first study's runs as it stored them: a run re-run since (to add its validation loss) is read from its
+    record's ``first_run``, so that re-runs do not move the first study's view."""
+
+    def run(self, method: str, lr: float, seed: int, r: int | None = None) -> dict | None:
+        record = super().run(method, lr, seed, r)
+        return {**record, **record["first_run"]} if record is not None and "first_run" in record else record
+
+
 def search(task: str, base: TrainSettings, seeds: list[int], scratch: Path, train: bool, methods: list[str],
            protocol: str) -> RateSearch:  # fmt: skip
     """The rate search of a protocol: ``tuned`` selects on the validation slice over the seeds (``nlora compare
     --tune``'s engine); ``earlier`` reads the first study's selection (seed 0's reported loss), never trains."""
     store = RESULTS / "runs" / task
     if protocol == "earlier":
-        return RateSearch(base, methods, seeds, store, scratch, grids=LR_GRID[task], extensions=EARLIER_EXTENSIONS,
+        return FirstStudy(base, methods, seeds, store, scratch, grids=LR_GRID[task], extensions=EARLIER_EXTENSIONS,
                           train=False, metric="after_loss", top=1)  # fmt: skip
     grids = {m: centred_grid(TUNED_CENTRES[task][m], GRID_POINTS) for m in METHODS}
     return RateSearch(base, methods, seeds, store, scratch, grids=grids, extensions=1, train=train,

@@ -1,6 +1,7 @@
 """The comparison protocol (``nlora compare --tune``, ``bench/convergence.py``): selection on validation loss, the
 statistics against hand-computed values, and one tiny end-to-end run that resumes from its stored runs."""
 
+import dataclasses
 import importlib
 import json
 import math
@@ -12,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nlora import stats
+from nlora.cli.compare import run_key
 from nlora.cli.settings import TrainSettings
 from nlora.cli.tune import RateSearch, Selection, centred_grid, compare_selections, ladder
 
@@ -131,6 +133,34 @@ def test_compare_tune_end_to_end_and_resumes_from_its_stored_runs(tmp_path):
     assert nlora_row["reading"] == (stats.read_difference(*difference[1:], 0.5) if difference else None)
     rc, _, err = nlora(*args)  # again: every run is read back, none trained
     assert rc == 0 and "validation loss" not in err
+
+    # a run stored before validation rows existed (the first study's) is re-run; its record keeps the run it replaced
+    path = out / "runs" / stored[0]
+    first = json.loads(path.read_text())
+    del first["summary"]["validation_loss"]
+    first["summary"]["after_loss"] = 9.0
+    path.write_text(json.dumps(first))
+    rc, _, err = nlora(*args)
+    assert rc == 0 and err.count("validation loss") == 1
+    rerun = json.loads(path.read_text())
+    assert "validation_loss" in rerun["summary"] and rerun["rerun_of_after_loss"] == 9.0
+    assert rerun["first_run"] == {"summary": first["summary"], "metrics": first["metrics"]}
+
+
+def test_the_first_studys_view_reads_a_rerun_record_as_first_stored(convergence, tmp_path):
+    record = {"settings": TrainSettings(method="lora", learning_rate=1e-3).comparable(),
+              "summary": {"after_loss": 0.5, "validation_loss": 0.5}, "metrics": [{"step": 1, "eval_loss": 0.5}],
+              "first_run": {"summary": {"after_loss": 9.0}, "metrics": [{"step": 1, "eval_loss": 9.0}]}}  # fmt: skip
+    search = convergence.FirstStudy(
+        TrainSettings(), ["lora"], [0], tmp_path, tmp_path, train=False, metric="after_loss"
+    )
+    key = run_key(dataclasses.replace(TrainSettings(), method="lora", learning_rate=1e-3, seed=0))
+    (tmp_path / f"{key}.json").write_text(json.dumps(record))
+    read = search.run("lora", 1e-3, 0)
+    assert read["summary"] == {"after_loss": 9.0} and read["metrics"] == [{"step": 1, "eval_loss": 9.0}]
+    del record["first_run"]
+    (tmp_path / f"{key}.json").write_text(json.dumps(record))
+    assert search.run("lora", 1e-3, 0)["summary"]["after_loss"] == 0.5  # a run never re-run is read as it is
 
 
 def test_runs_stored_before_a_nystrom_knob_existed_keep_their_key_and_match_only_the_init_they_used(tmp_path):

@@ -45,7 +45,8 @@ def run_stored(settings: TrainSettings, store: Path | None, needs: tuple[str, ..
 
     The stored record holds the settings, the summary and the metric curves (``metrics.jsonl``), so tables and plots
     can be rebuilt, and a study extended or rerun elsewhere, without training again. A stored run that lacks a needed
-    measurement is trained again; its earlier final loss is kept in the record as a reproduction check.
+    measurement is trained again; the run it replaces stays in the record (``first_run``: its summary and curves;
+    ``rerun_of_after_loss``, a reproduction check), so that a view of the earlier runs still reads them.
     """
     path = store / f"{run_key(settings)}.json" if store is not None else None
     wanted = settings.comparable()
@@ -55,12 +56,13 @@ def run_stored(settings: TrainSettings, store: Path | None, needs: tuple[str, ..
         if recorded_settings(record["settings"]) == wanted:
             if all(key in record["summary"] for key in needs):
                 return record
-            previous = record["summary"].get("after_loss")
+            previous = record
     summary = run_train(settings)
     lines = (Path(settings.output_dir) / "metrics.jsonl").read_text().splitlines()
     record = {"settings": wanted, "summary": summary, "metrics": [json.loads(line) for line in lines]}
     if previous is not None:
-        record["rerun_of_after_loss"] = previous
+        record["rerun_of_after_loss"] = previous["summary"].get("after_loss")
+        record["first_run"] = previous.get("first_run") or {k: previous[k] for k in ("summary", "metrics")}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
