@@ -65,9 +65,7 @@ def run_stored(settings: TrainSettings, store: Path | None, needs: tuple[str, ..
         record["first_run"] = previous.get("first_run") or {k: previous[k] for k in ("summary", "metrics")}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(record, indent=1))
     return record
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..files import RUN_MARKER, OutputFolder, atomic_directory
+from ..files import RUN_MARKER, OutputFolder, atomic_directory, write_atomic
 from .settings import TrainSettings, recorded_settings
 
 RUN_CONFIG = "run_config.json"
@@ -88,12 +88,10 @@ class RunFolder:
         self.out.mkdir(parents=True, exist_ok=True)
         self.created = True
         self.folder.write_marker()
-        tmp = self.out / (RUN_CONFIG + ".tmp")
         recorded = {**self.settings.comparable(), "learning_rate_source": self.settings.learning_rate_source}
         if self.label_names:  # class id i is label_names[i] (also the model's id2label)
             recorded["label_names"] = self.label_names
-        tmp.write_text(json.dumps(recorded, indent=2))
-        os.replace(tmp, self.out / RUN_CONFIG)
+        write_atomic(self.out / RUN_CONFIG, json.dumps(recorded, indent=2))
 
     def done(self) -> None:
         self.folder.release(finished=True)  # the replaced run (and any an interrupted command left) goes now
