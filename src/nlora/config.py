@@ -81,7 +81,7 @@ class NLoraConfig(LoraConfig):
     Plain LoRA is ``peft.LoraConfig``.
 
     Recommended starting learning rates (our study, ``nlora.rates``; fine-tuning / classification): SLoRA 3e-3 /
-    1e-3, NLoRA 3e-4 / 3e-4, nlora_reference 1e-2 / 3e-3, IntTune 1e-1 / 3e-2 (LoRA: 3e-3, PiSSA: 1e-3 / 3e-4). A
+    1e-3, NLoRA 3e-4 / 3e-4, nlora_reference 1e-2 / 3e-3, IntTune 1e-1 / 3e-2 (LoRA: 3e-3 / 1e-3, PiSSA: 1e-3 / 3e-4). A
     residual init wants about a 10x lower rate than a zero-start adapter, IntTune a much higher one.
     """
 
