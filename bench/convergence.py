@@ -34,7 +34,15 @@ from common import DOCS, RESULTS, machine, markdown, update_section, write_resul
 
 from nlora import stats
 from nlora.cli.settings import TrainSettings, recorded_settings
-from nlora.cli.tune import RateSearch, Selection, centred_grid, compare_selections, eval_curve, format_ci
+from nlora.cli.tune import (
+    RateSearch,
+    Selection,
+    centred_grid,
+    compare_selections,
+    eval_curve,
+    format_ci,
+    format_difference,
+)
 
 warnings.filterwarnings("ignore")
 METHODS = ["lora", "pissa", "slora", "nlora-reference", "nlora", "inttune"]
@@ -302,7 +310,7 @@ def comparison_table(rows: dict[str, dict], single_seed_note: bool = True) -> st
             method, "–" if row["lr"] is None else f"{row['lr']:g}", row["seeds"], row["collapsed"],
             format_ci(row["loss"]) + (" (1 seed)" if single_seed_note and row["seeds"] == 1 else ""),
             format_ci(row["accuracy"], 3),
-            "–" if diff is None else f"{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]", row["reading"] or "–",
+            format_difference(diff), row["reading"] or "–",
             "–" if row["p"] is None else f"{row['p']:.3g}",
             "–" if row.get("p_holm") is None else f"{row['p_holm']:.3g}",
             ", ".join("never" if s is None else str(s) for s in row["steps_to_baseline"]) or "–",
@@ -387,9 +395,8 @@ def verdict_lines(rows: dict[str, dict], missing: str, planned: int = 3) -> list
             why = missing if row["seeds"] < planned else "no interval: fewer than two seeds below the collapse bound"
             lines.append(f"- {NAMES[method]}: {why}{have}{collapsed}.")
             continue
-        diff, low, high = row["difference"]
         lines.append(
-            f"- {NAMES[method]} − LoRA = {diff:+.4f} [{low:+.4f}, {high:+.4f}] (Holm p = {row['p_holm']:.2g}; "
+            f"- {NAMES[method]} − LoRA = {format_difference(row['difference'])} (Holm p = {row['p_holm']:.2g}; "
             f"{row['seeds']} seeds at {row['lr']:g}{collapsed}): **{row['reading']}**."
         )
     return lines
@@ -402,10 +409,9 @@ def _in_brief(rows: dict[str, dict], waiting_for: str) -> str:
     for method in sorted((m for m in rows if m != "lora"), key=lambda m: m != "nlora"):
         row = rows[method]
         if row["difference"] is not None:
-            diff, low, high = row["difference"]
             collapsed = f", {row['collapsed']} collapsed" if row["collapsed"] else ""
             rate = f" at {row['lr']:g}" if row["lr"] != rows["lora"]["lr"] else ""
-            said.append(f"{NAMES[method]} {diff:+.3f} [{low:+.3f}, {high:+.3f}] ({row['reading']}; "
+            said.append(f"{NAMES[method]} {format_difference(row['difference'], 3)} ({row['reading']}; "
                         f"{row['seeds']} seeds{rate}{collapsed})")  # fmt: skip
         elif row["seeds"] > 1 and row["collapsed"] >= row["seeds"] - 1:
             start = f", starting from {row['before_loss']:.3g}" if row.get("before_loss") is not None else ""

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from nlora import stats
 from nlora.cli.compare import run_key
 from nlora.cli.settings import TrainSettings
-from nlora.cli.tune import RateSearch, Selection, centred_grid, compare_selections, ladder
+from nlora.cli.tune import RateSearch, Selection, centred_grid, compare_selections, format_difference, ladder
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +214,11 @@ def test_every_difference_ci_gets_the_one_reading_its_interval_supports(low, wid
     assert reading.endswith("beyond the margin") == (low > margin or high < -margin)
     assert (reading == "inconclusive") == (low <= 0 <= high and not (-margin < low and high < margin))
     assert ("better" in reading) == (high < 0) and ("worse" in reading) == (low > 0)
+
+
+def test_a_difference_is_printed_signed_with_a_true_minus():
+    assert format_difference((-0.0303, -0.06581, 0.0051)) == "\u22120.0303 [\u22120.0658, +0.0051]"
+    assert format_difference((0.1, 0.2, 0.3), 3) == "+0.100 [+0.200, +0.300]" and format_difference(None) == "–"
 
 
 def test_the_study_verdict_reads_each_comparison_and_names_what_is_missing(convergence):

@@ -231,6 +231,15 @@ def format_ci(value: tuple[float, float] | None, digits: int = 4) -> str:
     return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+def format_difference(diff: tuple[float, float, float] | None, digits: int = 4) -> str:
+    """``difference [low, high]`` of a :func:`nlora.stats.difference_ci` triple, signed with a true minus sign; "–"
+    for none."""
+    if diff is None:
+        return "–"
+    signed = [f"{v:+.{digits}f}".replace("-", "\u2212") for v in diff]
+    return f"{signed[0]} [{signed[1]}, {signed[2]}]"
+
+
 def _p(value: float | None) -> str:
     return "–" if value is None else f"{value:.3g}"
 
@@ -253,7 +262,7 @@ def tune_report(selections: dict[str, Selection], rows: dict[str, dict], baselin
             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if reading else "")]  # fmt: skip
     for method, row in rows.items():
         diff = row["difference"]
-        diff_text = "–" if diff is None else f"{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]"
+        diff_text = format_difference(diff)
         steps = ", ".join("never" if s is None else str(s) for s in row["steps_to_baseline"]) or "–"
         head.append(
             f"| {method} | {'–' if row['lr'] is None else format(row['lr'], 'g')} | {row['seeds']} | "
