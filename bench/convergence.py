@@ -320,26 +320,28 @@ def comparison_table(rows: dict[str, dict], single_seed_note: bool = True) -> st
                      "step reaching LoRA's final loss (per seed)"], body)  # fmt: skip
 
 
+def rate_cell(seeds: dict[int, float], threshold: float) -> str:
+    """One cell of a rate table: a single run labelled with its seed, several as mean ± 95% CI over the seeds that
+    did not collapse, with the collapses counted apart."""
+    values = list(seeds.values())
+    if not values:
+        return ""
+    kept = [v for v in values if not stats.collapsed(v, threshold)]
+    dropped = len(values) - len(kept)
+    if len(values) == 1:
+        return f"{values[0]:.3f} (seed {next(iter(seeds))}{', collapsed' if dropped else ''})"
+    if not kept:
+        return f"all {len(values)} seeds collapsed"
+    if len(kept) == 1:
+        return f"{kept[0]:.3f} (1 seed; {dropped} of {len(values)} collapsed)"
+    mean, half = stats.mean_ci(kept)
+    return f"{mean:.3f} ± {half:.3f} (n={len(kept)}{f', {dropped} collapsed' if dropped else ''})"
+
+
 def rate_table(by_rate: dict[str, dict[float, dict[int, float]]], threshold: float) -> str:
-    """Final held-out loss against learning rate: seed 0, or the mean ± 95% CI where more seeds ran at that rate
-    (over the seeds that did not collapse; collapsed ones are counted)."""
+    """Final held-out loss against learning rate, one :func:`rate_cell` per method and rate."""
     rates = sorted({lr for values in by_rate.values() for lr in values})
-    body = []
-    for method in METHODS:
-        cells = []
-        for lr in rates:
-            seeds = by_rate.get(method, {}).get(lr, {})
-            values = list(seeds.values())
-            if not values:
-                cells.append("")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:.3f}" + ("" if 0 in seeds else f" (seed {next(iter(seeds))})"))
-            else:
-                kept = [v for v in values if not stats.collapsed(v, threshold)]
-                mean, half = stats.mean_ci(kept) if kept else (math.nan, math.nan)
-                dropped = f", {len(values) - len(kept)} collapsed" if len(kept) < len(values) else ""
-                cells.append(f"{mean:.3f} ± {half:.3f} (n={len(kept)}{dropped})")
-        body.append([method, *cells])
+    body = [[m, *(rate_cell(by_rate.get(m, {}).get(lr, {}), threshold) for lr in rates)] for m in METHODS]
     return markdown(["method", *(f"{lr:g}" for lr in rates)], body)
 
 
@@ -513,7 +515,8 @@ def report(task: str, analysis: dict, budget: int) -> str:
     threshold = analysis["threshold"]
     bound = f"final loss ≥ {threshold:.4f}" if math.isfinite(threshold) else "none yet (the base loss is not stored)"
     text = [f"**{task}** ({budget} steps; collapse rule: {bound})\n", verdict(task, analysis)]
-    text.append("Final held-out loss against learning rate (every stored run of the recipe; one cell per rate):\n")
+    text.append("Final held-out loss against learning rate (every stored run of the recipe; one cell per rate: one run "
+                "labelled with its seed, several as mean ± 95% CI over the seeds that did not collapse):\n")
     text.append(rate_table(analysis["by_rate"], threshold))
     for lr, rows in analysis["shared"].items():
         text.append(f"\nEvery method at one shared rate, {lr} (the paper's protocol):\n")

@@ -221,6 +221,17 @@ def test_a_difference_is_printed_signed_with_a_true_minus():
     assert format_difference((0.1, 0.2, 0.3), 3) == "+0.100 [+0.200, +0.300]" and format_difference(None) == "–"
 
 
+def test_every_rate_table_cell_says_how_many_seeds_it_holds_and_counts_collapses_apart(convergence):
+    cell = convergence.rate_cell  # collapse bound 0.69: a final loss at or above it collapsed
+    assert cell({}, 0.69) == ""
+    assert cell({0: 0.4601}, 0.69) == "0.460 (seed 0)" and cell({2: 0.693}, 0.69) == "0.693 (seed 2, collapsed)"
+    assert cell({0: 0.693, 1: 0.70}, 0.69) == "all 2 seeds collapsed"
+    assert cell({0: 0.40, 1: 0.693}, 0.69) == "0.400 (1 seed; 1 of 2 collapsed)"
+    # mean ± t-interval over the non-collapsed seeds only: (0.4, 0.5) -> 0.45 ± 12.706 * 0.0707 / sqrt 2
+    assert cell({0: 0.4, 1: 0.5, 2: 0.693}, 0.69) == "0.450 ± 0.635 (n=2, 1 collapsed)"
+    assert cell({0: 0.4, 1: 0.5}, 0.69) == "0.450 ± 0.635 (n=2)"
+
+
 def test_the_study_verdict_reads_each_comparison_and_names_what_is_missing(convergence):
     runs = {
         "lora": [fake_record(0, v) for v in (0.800, 0.801, 0.802)],
