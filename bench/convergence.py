@@ -515,8 +515,10 @@ def report(task: str, analysis: dict, budget: int) -> str:
     threshold = analysis["threshold"]
     bound = f"final loss ≥ {threshold:.4f}" if math.isfinite(threshold) else "none yet (the base loss is not stored)"
     text = [f"**{task}** ({budget} steps; collapse rule: {bound})\n", verdict(task, analysis)]
-    text.append("Final held-out loss against learning rate (every stored run of the recipe; one cell per rate: one run "
-                "labelled with its seed, several as mean ± 95% CI over the seeds that did not collapse):\n")
+    text.append(
+        "Final held-out loss against learning rate (every stored run of the recipe; one cell per rate: one run "
+        "labelled with its seed, several as mean ± 95% CI over the seeds that did not collapse):\n"
+    )
     text.append(rate_table(analysis["by_rate"], threshold))
     for lr, rows in analysis["shared"].items():
         text.append(f"\nEvery method at one shared rate, {lr} (the paper's protocol):\n")
