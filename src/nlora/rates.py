@@ -31,6 +31,7 @@ RECOMMENDED_LEARNING_RATES: dict[str, dict[str, float]] = {
 SELECTED_ON_VALIDATION: set[tuple[str, str]] = {
     ("lora", "sft"),
     ("nlora", "sft"),
+    ("pissa", "sft"),
     ("lora", "classification"),  # was 3e-3 on seed 0's reported loss, next to the collapse at 1e-2
     ("nlora", "classification"),
     ("pissa", "classification"),
