@@ -39,6 +39,7 @@ from nlora.cli.tune import (
     Selection,
     centred_grid,
     compare_selections,
+    comparison_cells,
     eval_curve,
     format_ci,
     format_difference,
@@ -300,24 +301,13 @@ def plot(analyses: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def comparison_table(rows: dict[str, dict], single_seed_note: bool = True) -> str:
-    """Per method: rate, seeds, collapsed, mean ± 95% CI, the difference to LoRA with its Welch CI, Welch p and
-    Holm p (family: every method against LoRA), and the step at which each seed reaches LoRA's final loss."""
-    body = []
-    for method, row in rows.items():
-        diff = row["difference"]
-        body.append([
-            method, "–" if row["lr"] is None else f"{row['lr']:g}", row["seeds"], row["collapsed"],
-            format_ci(row["loss"]) + (" (1 seed)" if single_seed_note and row["seeds"] == 1 else ""),
-            format_ci(row["accuracy"], 3),
-            format_difference(diff), row["reading"] or "–",
-            "–" if row["p"] is None else f"{row['p']:.3g}",
-            "–" if row.get("p_holm") is None else f"{row['p_holm']:.3g}",
-            ", ".join("never" if s is None else str(s) for s in row["steps_to_baseline"]) or "–",
-        ])  # fmt: skip
+def comparison_table(rows: dict[str, dict]) -> str:
+    """Per method, the :func:`nlora.cli.tune.comparison_cells` of its row (Holm family: every method against
+    LoRA)."""
     return markdown(["method", "rate", "seeds", "collapsed", "held-out loss (mean ± 95% CI, non-collapsed)",
                      "accuracy", "difference to LoRA [95% CI]", "read against the margin", "Welch p", "Holm p",
-                     "step reaching LoRA's final loss (per seed)"], body)  # fmt: skip
+                     "step reaching LoRA's final loss (per seed)"],
+                    [comparison_cells(method, row) for method, row in rows.items()])  # fmt: skip
 
 
 def rate_cell(seeds: dict[int, float], threshold: float) -> str:
@@ -529,9 +519,15 @@ def report(task: str, analysis: dict, budget: int) -> str:
     text.append(comparison_table(analysis["earlier_rows"]))
     text.append(power_line(analysis["detectable"]))
     done, planned = analysis["tuned_progress"]
+    selected = [NAMES[m] for m, s in analysis["tuned"].items() if s.lr is not None]
+    waiting = [NAMES[m] for m, s in analysis["tuned"].items() if s.lr is None]
+    state = f"selected for {', '.join(selected) or 'no method yet'}" + (
+        f"; still to select (`--protocols tuned` trains it): {', '.join(waiting)}" if waiting else " (every method)"
+    )
     text.append(
         f"\nEach method at its own rate, selected on the validation slice over the seeds (`nlora compare "
-        f"--tune`'s protocol): {done} stored runs carry the validation loss, of at least {planned} needed.\n"
+        f"--tune`'s protocol): {state}. {done} stored runs carry a validation loss, shared-rate runs included; the "
+        f"protocol needs at least {planned} (each method's grid at the first seed, its two best rates at the others).\n"
     )
     if analysis["by_rate_validation"]:
         text.append("Validation loss against learning rate (what selects; rows disjoint from the reported ones):\n")

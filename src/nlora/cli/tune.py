@@ -244,6 +244,19 @@ def _p(value: float | None) -> str:
     return "–" if value is None else f"{value:.3g}"
 
 
+def comparison_cells(method: str, row: dict, reading: bool = True) -> list[str]:
+    """One method's cells of a comparison table (a :func:`compare_selections` row): rate, seeds, collapsed, mean ±
+    95% CI (a single seed labelled), accuracy, the difference to the baseline with its CI, the reading against the
+    margin (when ``reading``), Welch and Holm p, and the step at which each seed reaches the baseline's final loss."""
+    steps = ", ".join("never" if s is None else str(s) for s in row["steps_to_baseline"]) or "–"
+    return [
+        method, "–" if row["lr"] is None else f"{row['lr']:g}", str(row["seeds"]), str(row["collapsed"]),
+        format_ci(row["loss"]) + (" (1 seed)" if row["seeds"] == 1 else ""), format_ci(row["accuracy"], 3),
+        format_difference(row["difference"]), *([row["reading"] or "–"] if reading else []),
+        _p(row["p"]), _p(row.get("p_holm")), steps,
+    ]  # fmt: skip
+
+
 def tune_report(selections: dict[str, Selection], rows: dict[str, dict], baseline: str, threshold: float,
                 margin: float | None = None) -> str:  # fmt: skip
     """The Markdown of a tuned comparison: the selection on validation loss, then the reported comparison (with a
@@ -260,16 +273,7 @@ def tune_report(selections: dict[str, Selection], rows: dict[str, dict], baselin
     head = ["| method | rate | seeds | collapsed | held-out loss (mean ± 95% CI) | accuracy | "
             f"difference to {baseline} [95% CI] |{reading} Welch p | Holm p | step reaching {baseline}'s final loss |",
             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if reading else "")]  # fmt: skip
-    for method, row in rows.items():
-        diff = row["difference"]
-        diff_text = format_difference(diff)
-        steps = ", ".join("never" if s is None else str(s) for s in row["steps_to_baseline"]) or "–"
-        head.append(
-            f"| {method} | {'–' if row['lr'] is None else format(row['lr'], 'g')} | {row['seeds']} | "
-            f"{row['collapsed']} | {format_ci(row['loss'])} | {format_ci(row['accuracy'])} | {diff_text} | "
-            + (f"{row['reading'] or '–'} | " if reading else "")
-            + f"{_p(row['p'])} | {_p(row.get('p_holm'))} | {steps} |"
-        )
+    head += ["| " + " | ".join(comparison_cells(method, row, bool(reading))) + " |" for method, row in rows.items()]
     bound = "none" if math.isinf(threshold) else f"{threshold:.4f}"
     return (
         "Selection (validation rows, disjoint from the reported ones): each method's grid at the first seed, then "
