@@ -88,9 +88,8 @@ def markdown(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_section(section: str, body: str) -> None:
-    """Replace ``<!-- section -->`` ... ``<!-- /section -->`` in docs/benchmarks.md with ``body``."""
-    doc = DOCS / "benchmarks.md"
+def update_section(section: str, body: str, doc: Path = DOCS / "benchmarks.md") -> None:
+    """Replace ``<!-- section -->`` ... ``<!-- /section -->`` in ``doc`` (docs/benchmarks.md) with ``body``."""
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
     block = f"{start}\n{body.rstrip()}\n{end}"

@@ -443,6 +443,25 @@ def headline(analyses: dict[str, dict]) -> str:
     return "\n".join(text)
 
 
+def readme_verdict(analyses: dict[str, dict]) -> str:
+    """The README's lines: NLoRA − LoRA per task under both protocols (the paper's shared rate, each method's rate
+    selected on validation rows), from the stored runs."""
+
+    def said(row: dict | None, where: str) -> str:
+        if row is None or row["difference"] is None:
+            return f"not measured yet {where}"
+        return f"{format_difference(row['difference'], 3)} {where} ({row['reading']}; {row['seeds']} seeds)"
+
+    lines = []
+    for task, analysis in analyses.items():
+        shared = analysis["shared"][f"{PAPER_RATE:g}"].get("nlora")
+        tuned = analysis["tuned_rows"].get("nlora") if analysis["tuned"]["lora"].lr is not None else None
+        paper = f"at the paper's one shared rate, {PAPER_RATE:g}"
+        lines.append(f"- **{task}** (margin ±{MARGIN[task]:g}): {said(shared, paper)}; "
+                     f"{said(tuned, 'at rates selected on validation rows')}.")  # fmt: skip
+    return "\n".join(lines)
+
+
 def selected_on_validation(selections: dict[str, Selection]) -> str:
     """How part 2 chose each rate: the two candidates' mean validation loss over the seeds."""
     said = []
@@ -585,6 +604,7 @@ def main() -> None:
     plot(analyses, DOCS / "convergence.png")
     plot_rates(analyses, DOCS / "convergence_rates.png")
     update_section("convergence-headline", headline(analyses))
+    update_section("convergence-readme", readme_verdict(analyses), DOCS.parent / "README.md")
     body = "\n".join(report(task, a, budgets[task]) for task, a in analyses.items())
     update_section(
         "convergence",

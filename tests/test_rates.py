@@ -49,3 +49,16 @@ def test_spread_and_unknown_method():
     assert rate_spread(["nlora", "inttune"]) == pytest.approx(1e-1 / 3e-4)
     with pytest.raises(ValueError, match="No recommended learning rate for method 'dora'"):
         recommended_learning_rate("dora")
+
+
+def test_the_readme_states_the_verdict_the_stored_runs_give(tmp_path):
+    """The README's NLoRA − LoRA lines are what `bench/convergence.py --report-only` writes from the committed runs:
+    a run stored without rebuilding the report fails here."""
+    analyses = {}
+    for name in ("sentiment", "math"):  # --report-only's order
+        base = convergence.task_settings(name, convergence.BUDGET[name])
+        analyses[name] = convergence.analyse(name, base, [0, 1, 2], tmp_path, convergence.METHODS)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- convergence-readme -->\n")[1].split("\n<!-- /convergence-readme -->")[0]
+    assert block == convergence.readme_verdict(analyses)
+    assert block.count("at the paper's one shared rate") == block.count("at rates selected on validation rows") == 2
