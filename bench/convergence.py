@@ -336,8 +336,8 @@ def rate_table(by_rate: dict[str, dict[float, dict[int, float]]], threshold: flo
 
 
 def plot_rates(analyses: dict[str, dict], path: Path) -> None:
-    """Final held-out loss against learning rate per method and task: seed 0 as points, means over several seeds
-    with their 95% CI as error bars; the paper's shared rate marked."""
+    """Final held-out loss against learning rate per method and task: seed 0 as a line, every seed as a dot, the mean
+    over the seeds that did not collapse as a square (with its 95% CI from 3 seeds); the paper's shared rate marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -349,23 +349,29 @@ def plot_rates(analyses: dict[str, dict], path: Path) -> None:
             values = analysis["by_rate"].get(method, {})
             seed0 = {lr: seeds[0] for lr, seeds in values.items() if 0 in seeds}
             line = ax.plot(list(seed0), list(seed0.values()), marker="o", label=method)
-            several = {lr: [v for v in seeds.values() if not stats.collapsed(v, analysis["threshold"])]
-                       for lr, seeds in values.items() if len(seeds) > 1}  # fmt: skip
-            for lr, losses in several.items():
-                if len(losses) < 2:
+            colour = line[0].get_color()
+            for lr, seeds in values.items():
+                if len(seeds) < 2:
                     continue
-                mean, half = stats.mean_ci(losses)
-                ax.errorbar([lr], [mean], yerr=[half], fmt="s", color=line[0].get_color(), capsize=3)
+                # every seed as a dot: a t-interval over 2 seeds (t = 12.7) says less than the two values do
+                ax.scatter([lr] * len(seeds), list(seeds.values()), s=9, color=colour, alpha=0.5)
+                kept = [v for v in seeds.values() if not stats.collapsed(v, analysis["threshold"])]
+                if len(kept) >= 2:
+                    mean, half = stats.mean_ci(kept)
+                    ax.errorbar([lr], [mean], yerr=[half] if len(kept) >= 3 else None, fmt="s", color=colour,
+                                capsize=3)  # fmt: skip
         ax.axvline(PAPER_RATE, color="grey", linestyle=":", label="the paper's shared rate (2e-4)")
         ax.set_xscale("log")
         top = analysis["threshold"] if math.isfinite(analysis["threshold"]) else None
         if top:
             ax.set_ylim(top=top * 1.05)
         ax.set_title(f"{task}: final held-out loss against learning rate")
-        ax.set_xlabel("learning rate (o: seed 0; squares: mean ± 95% CI over the seeds that did not collapse)")
+        ax.set_xlabel("learning rate")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.text(0.5, 0.01, "line: seed 0; dots: every seed; squares: the mean over the seeds that did not collapse, "
+             "with its 95% CI where 3 or more", ha="center", fontsize=8)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
