@@ -311,8 +311,8 @@ def comparison_table(rows: dict[str, dict]) -> str:
 
 
 def rate_cell(seeds: dict[int, float], threshold: float) -> str:
-    """One cell of a rate table: a single run labelled with its seed, several as mean ± 95% CI over the seeds that
-    did not collapse, with the collapses counted apart."""
+    """One cell of a rate table: a single run labelled with its seed, two as their mean and both values, more as mean
+    ± 95% CI over the seeds that did not collapse; collapses counted apart."""
     values = list(seeds.values())
     if not values:
         return ""
@@ -322,10 +322,13 @@ def rate_cell(seeds: dict[int, float], threshold: float) -> str:
         return f"{values[0]:.3f} (seed {next(iter(seeds))}{', collapsed' if dropped else ''})"
     if not kept:
         return f"all {len(values)} seeds collapsed"
+    collapsed = f", {dropped} collapsed" if dropped else ""
     if len(kept) == 1:
         return f"{kept[0]:.3f} (1 seed; {dropped} of {len(values)} collapsed)"
+    if len(kept) == 2:  # a 2-seed t-interval (t = 12.7) can reach below zero loss: the two values say more
+        return f"{statistics.mean(kept):.3f} (seeds at {kept[0]:.3f} and {kept[1]:.3f}{collapsed})"
     mean, half = stats.mean_ci(kept)
-    return f"{mean:.3f} ± {half:.3f} (n={len(kept)}{f', {dropped} collapsed' if dropped else ''})"
+    return f"{mean:.3f} ± {half:.3f} (n={len(kept)}{collapsed})"
 
 
 def rate_table(by_rate: dict[str, dict[float, dict[int, float]]], threshold: float) -> str:
@@ -532,7 +535,8 @@ def report(task: str, analysis: dict, budget: int) -> str:
     text = [f"**{task}** ({budget} steps; collapse rule: {bound})\n", verdict(task, analysis)]
     text.append(
         "Final held-out loss against learning rate (every stored run of the recipe; one cell per rate: one run "
-        "labelled with its seed, several as mean ± 95% CI over the seeds that did not collapse):\n"
+        "labelled with its seed, two seeds as their mean and both values, more as mean ± 95% CI; over the seeds "
+        "that did not collapse):\n"
     )
     text.append(rate_table(analysis["by_rate"], threshold))
     for lr, rows in analysis["shared"].items():

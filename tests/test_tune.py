@@ -227,9 +227,10 @@ def test_every_rate_table_cell_says_how_many_seeds_it_holds_and_counts_collapses
     assert cell({0: 0.4601}, 0.69) == "0.460 (seed 0)" and cell({2: 0.693}, 0.69) == "0.693 (seed 2, collapsed)"
     assert cell({0: 0.693, 1: 0.70}, 0.69) == "all 2 seeds collapsed"
     assert cell({0: 0.40, 1: 0.693}, 0.69) == "0.400 (1 seed; 1 of 2 collapsed)"
-    # mean ± t-interval over the non-collapsed seeds only: (0.4, 0.5) -> 0.45 ± 12.706 * 0.0707 / sqrt 2
-    assert cell({0: 0.4, 1: 0.5, 2: 0.693}, 0.69) == "0.450 ± 0.635 (n=2, 1 collapsed)"
-    assert cell({0: 0.4, 1: 0.5}, 0.69) == "0.450 ± 0.635 (n=2)"
+    # two kept seeds: their mean and both values (a 2-seed t-interval, ± 0.635 here, would reach below zero)
+    assert cell({0: 0.4, 1: 0.5, 2: 0.693}, 0.69) == "0.450 (seeds at 0.400 and 0.500, 1 collapsed)"
+    # three or more: mean ± t-interval over the non-collapsed seeds only: 0.5 ± 4.303 * 0.1 / sqrt 3
+    assert cell({0: 0.4, 1: 0.5, 2: 0.6, 3: 0.7}, 0.69) == "0.500 ± 0.248 (n=3, 1 collapsed)"
 
 
 def test_the_study_verdict_reads_each_comparison_and_names_what_is_missing(convergence):
