@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from nlora.files import write_atomic
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RESULTS = Path(os.environ.get("NLORA_BENCH_RESULTS", DOCS / "bench-results"))
 
@@ -73,7 +75,7 @@ def median(values: list[float]) -> float:
 def write_results(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2))
+    write_atomic(path, json.dumps(payload, indent=2))
     return path
 
 
@@ -89,12 +91,15 @@ def markdown(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def update_section(section: str, body: str, doc: Path = DOCS / "benchmarks.md") -> None:
-    """Replace ``<!-- section -->`` ... ``<!-- /section -->`` in ``doc`` (docs/benchmarks.md) with ``body``."""
+    """Replace ``<!-- section -->`` ... ``<!-- /section -->`` in ``doc`` (docs/benchmarks.md) with ``body``; a new
+    section is appended to docs/benchmarks.md only, never to another page (the README's place is chosen by hand)."""
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
+    elif doc == DOCS / "benchmarks.md":
         text = text.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(text)
+    else:
+        raise SystemExit(f"{doc} has no '{start}' marker; add the marker pair where the section belongs.")
+    write_atomic(doc, text)
