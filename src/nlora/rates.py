@@ -33,6 +33,7 @@ SELECTED_ON_VALIDATION: set[tuple[str, str]] = {
     ("nlora", "sft"),
     ("pissa", "sft"),
     ("slora", "sft"),
+    ("nlora-reference", "sft"),
     ("lora", "classification"),  # was 3e-3 on seed 0's reported loss, next to the collapse at 1e-2
     ("nlora", "classification"),
     ("pissa", "classification"),
