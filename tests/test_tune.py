@@ -222,15 +222,27 @@ def test_a_difference_is_printed_signed_with_a_true_minus():
 
 
 def test_every_rate_table_cell_says_how_many_seeds_it_holds_and_counts_collapses_apart(convergence):
-    cell = convergence.rate_cell  # collapse bound 0.69: a final loss at or above it collapsed
-    assert cell({}, 0.69) == ""
-    assert cell({0: 0.4601}, 0.69) == "0.460 (seed 0)" and cell({2: 0.693}, 0.69) == "0.693 (seed 2, collapsed)"
-    assert cell({0: 0.693, 1: 0.70}, 0.69) == "all 2 seeds collapsed"
-    assert cell({0: 0.40, 1: 0.693}, 0.69) == "0.400 (1 seed; 1 of 2 collapsed)"
+    cell = convergence.rate_cell  # the second argument: the seeds whose run collapsed
+    assert cell({}, set()) == ""
+    assert cell({0: 0.4601}, set()) == "0.460 (seed 0)" and cell({2: 0.693}, {2}) == "0.693 (seed 2, collapsed)"
+    assert cell({0: 0.693, 1: 0.70}, {0, 1}) == "all 2 seeds collapsed"
+    assert cell({0: 0.40, 1: 0.693}, {1}) == "0.400 (1 seed; 1 of 2 collapsed)"
     # two kept seeds: their mean and both values (a 2-seed t-interval, ± 0.635 here, would reach below zero)
-    assert cell({0: 0.4, 1: 0.5, 2: 0.693}, 0.69) == "0.450 (seeds at 0.400 and 0.500, 1 collapsed)"
+    assert cell({0: 0.4, 1: 0.5, 2: 0.693}, {2}) == "0.450 (seeds at 0.400 and 0.500, 1 collapsed)"
     # three or more: mean ± t-interval over the non-collapsed seeds only: 0.5 ± 4.303 * 0.1 / sqrt 3
-    assert cell({0: 0.4, 1: 0.5, 2: 0.6, 3: 0.7}, 0.69) == "0.500 ± 0.248 (n=3, 1 collapsed)"
+    assert cell({0: 0.4, 1: 0.5, 2: 0.6, 3: 0.7}, {3}) == "0.500 ± 0.248 (n=3, 1 collapsed)"
+
+
+def test_a_validation_rate_table_judges_collapse_on_the_reported_loss_where_the_rule_applies(convergence):
+    # the bound (the base model's reported loss, 1.70) is not a bound on validation rows, whose base loss differs:
+    # a run above it on validation but below it on the reported rows did not collapse, and the converse did
+    reported = {"inttune": {2e-4: {0: 1.65, 1: 1.66, 2: 1.75}}}
+    validation = {"inttune": {2e-4: {0: 1.72, 1: 1.73, 2: 1.69}}}
+    table = convergence.rate_table(validation, reported, 1.70)
+    assert "| inttune | 1.725 (seeds at 1.720 and 1.730, 1 collapsed) |" in table
+    assert "| inttune | 1.655 (seeds at 1.650 and 1.660, 1 collapsed) |" in convergence.rate_table(
+        reported, reported, 1.70
+    )
 
 
 def test_the_study_verdict_reads_each_comparison_and_names_what_is_missing(convergence):
