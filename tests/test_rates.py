@@ -1,13 +1,12 @@
 """The recommended learning rates are what the stored study runs say: each one is re-derived here from them, with the
-study's own selection (bench/convergence.py): on validation rows over three seeds where that view is complete,
-else the first study's seed-0 grid."""
+study's own selection (bench/convergence.py): on validation rows over three seeds."""
 
 import sys
 from pathlib import Path
 
 import pytest
 
-from nlora.rates import RECOMMENDED_LEARNING_RATES, SELECTED_ON_VALIDATION, rate_spread, recommended_learning_rate
+from nlora.rates import RECOMMENDED_LEARNING_RATES, rate_spread, recommended_learning_rate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import convergence  # noqa: E402
@@ -21,27 +20,22 @@ def test_every_recommended_rate_is_the_studys_selection_from_its_stored_runs(tas
     base = convergence.task_settings(name, convergence.BUDGET[name])
     seeds = [0, 1, 2]
     tuned = convergence.search(name, base, seeds, tmp_path, False, convergence.METHODS, "tuned")
-    earlier = convergence.search(name, base, seeds, tmp_path, False, convergence.METHODS, "earlier")
     assert set(convergence.METHODS) == RECOMMENDED_LEARNING_RATES.keys()
     for method in convergence.METHODS:
-        validated = tuned.select(method).lr
-        first = earlier.select(method)
-        assert len(first.seed0_validation) >= 3, (method, first.seed0_validation)  # a grid, not one rate
-        assert ((method, task) in SELECTED_ON_VALIDATION) == (validated is not None), method
-        assert recommended_learning_rate(method, task) == (validated or first.lr), (method, validated, first.lr)
+        selection = tuned.select(method)
+        assert len(selection.seed0_validation) >= 3, (method, selection.seed0_validation)  # a grid, not one rate
+        assert recommended_learning_rate(method, task) == selection.lr, (method, selection.lr)
 
 
-def test_the_rate_table_in_the_cli_guide_is_the_code_and_bolds_the_validated_rates():
+def test_the_rate_table_in_the_cli_guide_is_the_code():
     guide = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
     found = {}
     for line in guide.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 3 and cells[0].strip("`") in RECOMMENDED_LEARNING_RATES:
             for task, cell in zip(TASKS, cells[1:]):
-                found[(cells[0].strip("`"), task)] = (float(cell.strip("*")), cell.startswith("**"))
-    expected = {(m, t): (rate, (m, t) in SELECTED_ON_VALIDATION)
-                for m, rates in RECOMMENDED_LEARNING_RATES.items() for t, rate in rates.items()}  # fmt: skip
-    assert found == expected
+                found[(cells[0].strip("`"), task)] = float(cell)
+    assert found == {(m, t): rate for m, rates in RECOMMENDED_LEARNING_RATES.items() for t, rate in rates.items()}
 
 
 def test_spread_and_unknown_method():

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from transformers import HfArgumentParser
 
 from ..config import LEGACY_DEFAULTS, NLoraConfig
-from ..rates import RECOMMENDED_LEARNING_RATES, STUDY, rate_evidence, recommended_learning_rate
+from ..rates import EVIDENCE, RECOMMENDED_LEARNING_RATES, STUDY, recommended_learning_rate
 
 try:
     import tomllib
@@ -211,8 +211,7 @@ class TrainSettings(OutputSettings, OptimSettings, AdapterSettings, DataSettings
             raise SettingsError(f"--max-steps must be a positive number of steps or -1 (epochs), got {self.max_steps}.")
         if self.learning_rate is None:  # the study's rate for this method (a shared one favours some methods)
             self.learning_rate = recommended_learning_rate(self.method, self.task)
-            evidence = rate_evidence(self.method, self.task)
-            self.learning_rate_source = f"the {self.method} default for {self.task} ({evidence}), {STUDY}"
+            self.learning_rate_source = f"the {self.method} default for {self.task} ({EVIDENCE}), {STUDY}"
         elif not self.learning_rate_source:
             self.learning_rate_source = "given"
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
